@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 
-class CareError(Exception):
+class CareError(ValueError):
     """An error caused by user input (config, data, files).
 
     The CLI prints ``error: <message>`` on one line and exits with status 2, without a traceback.

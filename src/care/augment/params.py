@@ -1,0 +1,320 @@
+"""Augmentation recipes, typed parameter records, and parameter sampling.
+
+Sampling is split from applying (EquiMod style): :func:`sample_params` draws a record of
+parameters for each image, and :mod:`care.augment.ops` applies them. CARE needs this split
+because a whole group of ``m`` consecutive images must share one augmentation ``a_g``
+(paper, Algorithm 1; design notes, "Group-shared augmentation"), and evaluation wants to know
+which augmentation produced which embedding.
+
+All draws happen on the CPU from an explicit :class:`torch.Generator`, in a fixed order with
+fixed shapes, so one seed always gives the same records.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from care.errors import CareError
+
+__all__ = ["AugParams", "AugmentRecipe", "check_groups", "sample_params"]
+
+#: How many candidate boxes the crop sampler tries per record (torchvision uses 10).
+CROP_ATTEMPTS = 10
+
+
+def _check_range(name: str, value: tuple[float, float], low: float, high: float) -> None:
+    lo, hi = value
+    if not (low <= lo <= hi <= high):
+        raise CareError(
+            f"augment recipe: {name}={value!r} must be an interval (lo, hi) with "
+            f"{low} <= lo <= hi <= {high}"
+        )
+
+
+def _check_prob(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise CareError(f"augment recipe: {name}={value!r} must be a probability in [0, 1]")
+
+
+@dataclass(frozen=True)
+class AugmentRecipe:
+    """The distribution of augmentations; the defaults are SimCLR's (Chen et al., 2020).
+
+    ``crop_scale`` is the area fraction of the crop, ``crop_ratio`` its aspect ratio (width /
+    height); ``brightness``/``contrast``/``saturation`` give factors in ``[max(0, 1-s), 1+s]`` and
+    ``hue`` a shift in ``[-hue, hue]`` turns, as in torchvision's ``ColorJitter``.
+    """
+
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_p: float = 0.5
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4
+    hue: float = 0.1
+    grayscale_p: float = 0.2
+    blur_p: float = 0.5
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+
+    def __post_init__(self) -> None:
+        # Accept lists (e.g. from YAML) but store tuples so the recipe stays hashable.
+        for name in ("crop_scale", "crop_ratio", "blur_sigma"):
+            value = getattr(self, name)
+            if not isinstance(value, Sequence) or len(value) != 2:
+                raise CareError(f"augment recipe: {name}={value!r} must be a pair (lo, hi)")
+            object.__setattr__(self, name, (float(value[0]), float(value[1])))
+        _check_range("crop_scale", self.crop_scale, 0.0, 1.0)
+        if self.crop_scale[1] <= 0.0:
+            raise CareError(f"augment recipe: crop_scale={self.crop_scale!r} must allow area > 0")
+        _check_range("crop_ratio", self.crop_ratio, 1e-6, math.inf)
+        _check_range("blur_sigma", self.blur_sigma, 0.0, math.inf)
+        if self.blur_p > 0 and self.blur_sigma[0] <= 0.0:
+            raise CareError(
+                f"augment recipe: blur_sigma={self.blur_sigma!r} must be > 0 when blur_p > 0"
+            )
+        for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p"):
+            _check_prob(name, getattr(self, name))
+        for name in ("brightness", "contrast", "saturation"):
+            if getattr(self, name) < 0:
+                raise CareError(f"augment recipe: {name}={getattr(self, name)!r} must be >= 0")
+        if not 0.0 <= self.hue <= 0.5:
+            raise CareError(f"augment recipe: hue={self.hue!r} must be in [0, 0.5]")
+
+    @classmethod
+    def for_channels(cls, channels: int, **overrides: Any) -> AugmentRecipe:
+        """SimCLR's recipe adapted to ``channels`` (1 or 3), then ``overrides`` applied.
+
+        For 1-channel images (MNIST-like) saturation, hue and grayscale have no meaning, so
+        they are switched off; brightness, contrast, crop, flip and blur stay.
+        """
+        if channels not in (1, 3):
+            raise CareError(f"augment recipe: channels={channels!r} must be 1 or 3")
+        recipe = cls()
+        if channels == 1:
+            recipe = replace(recipe, saturation=0.0, hue=0.0, grayscale_p=0.0)
+        unknown = sorted(set(overrides) - {f.name for f in fields(cls)})
+        if unknown:
+            raise CareError(f"augment recipe: unknown field(s) {', '.join(unknown)}")
+        return replace(recipe, **overrides)
+
+
+@dataclass
+class AugParams:
+    """Sampled augmentation parameters, one row per image (all tensors lead with ``B``).
+
+    ``crop`` holds ``(top, left, height, width)`` as fractions of the image side; ``hue`` is a
+    shift in turns; the other factors are 1.0 for identity; ``blur_sigma`` is 0 for no blur.
+    ``jitter_order[b]`` is a permutation of (0=brightness, 1=contrast, 2=saturation, 3=hue):
+    ``jitter_order[b, k]`` is the op applied in slot ``k``.
+    """
+
+    crop: Tensor
+    flip: Tensor
+    jitter: Tensor
+    brightness: Tensor
+    contrast: Tensor
+    saturation: Tensor
+    hue: Tensor
+    jitter_order: Tensor
+    grayscale: Tensor
+    blur_sigma: Tensor
+
+    FEATURE_NAMES: ClassVar[tuple[str, ...]] = (
+        "crop_scale",
+        "crop_aspect",
+        "crop_center_y",
+        "crop_center_x",
+        "flip",
+        "brightness",
+        "contrast",
+        "saturation",
+        "hue",
+        "grayscale",
+        "blur_sigma",
+    )
+
+    def __post_init__(self) -> None:
+        n = self.crop.shape[0]
+        if self.crop.shape != (n, 4) or self.jitter_order.shape != (n, 4):
+            raise CareError("AugParams: crop and jitter_order must have shape (B, 4)")
+        for f in fields(self):
+            if getattr(self, f.name).shape[0] != n:
+                raise CareError(f"AugParams: field {f.name} has a different batch size than crop")
+
+    def __len__(self) -> int:
+        return int(self.crop.shape[0])
+
+    def as_dict(self) -> dict[str, Tensor]:
+        """The fields as a ``{name: tensor}`` dict (e.g. for saving with safetensors)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Tensor]) -> AugParams:
+        """Inverse of :meth:`as_dict`."""
+        return cls(**{f.name: data[f.name] for f in fields(cls)})
+
+    def to(self, device: torch.device | str) -> AugParams:
+        """The same record with every tensor on ``device``."""
+        return AugParams(**{k: v.to(device) for k, v in self.as_dict().items()})
+
+    @property
+    def device(self) -> torch.device:
+        return self.crop.device
+
+    def index(self, idx: Tensor | slice) -> AugParams:
+        """Rows ``idx`` (an index tensor, a bool mask or a slice) of every field."""
+        return AugParams(**{k: v[idx] for k, v in self.as_dict().items()})
+
+    @staticmethod
+    def cat(records: Sequence[AugParams]) -> AugParams:
+        """Concatenate records along the batch dimension."""
+        if not records:
+            raise CareError("AugParams.cat: needs at least one record")
+        return AugParams(
+            **{f.name: torch.cat([getattr(r, f.name) for r in records]) for f in fields(AugParams)}
+        )
+
+    @staticmethod
+    def identity(n: int, device: torch.device | str | None = None) -> AugParams:
+        """``n`` rows that leave an image unchanged (full crop, no flip, jitter, gray, blur)."""
+        crop = torch.tensor([0.0, 0.0, 1.0, 1.0], device=device).repeat(n, 1)
+        false = torch.zeros(n, dtype=torch.bool, device=device)
+        ones = torch.ones(n, device=device)
+        return AugParams(
+            crop=crop,
+            flip=false,
+            jitter=false.clone(),
+            brightness=ones,
+            contrast=ones.clone(),
+            saturation=ones.clone(),
+            hue=torch.zeros(n, device=device),
+            jitter_order=torch.arange(4, device=device).repeat(n, 1),
+            grayscale=false.clone(),
+            blur_sigma=torch.zeros(n, device=device),
+        )
+
+    def features(self) -> Tensor:
+        """``(B, 11)`` float32 matrix of scalar parameters, columns as in ``FEATURE_NAMES``.
+
+        Meant for regression probes ("which augmentation gave which rotation"); the crop is
+        summarised by its area fraction, aspect ratio (width / height) and centre.
+        """
+        top, left, h, w = self.crop.float().unbind(1)
+        cols = [
+            h * w,
+            w / h,
+            top + h / 2,
+            left + w / 2,
+            self.flip.float(),
+            self.brightness.float(),
+            self.contrast.float(),
+            self.saturation.float(),
+            self.hue.float(),
+            self.grayscale.float(),
+            self.blur_sigma.float(),
+        ]
+        return torch.stack(cols, dim=1)
+
+
+def _uniform(n: int, lo: float, hi: float, generator: torch.Generator) -> Tensor:
+    return torch.rand(n, generator=generator, dtype=torch.float64) * (hi - lo) + lo
+
+
+def _sample_crop(n: int, recipe: AugmentRecipe, generator: torch.Generator) -> Tensor:
+    """torchvision ``RandomResizedCrop.get_params``, vectorised over records, in fractions.
+
+    Boxes are expressed as fractions of the image side, so the aspect ratio is exact for square
+    images (every data set CARE uses) and any image size works.
+    """
+    s_lo, s_hi = recipe.crop_scale
+    r_lo, r_hi = recipe.crop_ratio
+    area = _uniform(n * CROP_ATTEMPTS, s_lo, s_hi, generator).view(n, CROP_ATTEMPTS)
+    log_ratio = _uniform(n * CROP_ATTEMPTS, math.log(r_lo), math.log(r_hi), generator)
+    ratio = log_ratio.view(n, CROP_ATTEMPTS).exp()
+    w = (area * ratio).sqrt()
+    h = (area / ratio).sqrt()
+    fits = (w > 0) & (w <= 1) & (h > 0) & (h <= 1)
+    first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)  # first fitting attempt (or 0)
+    w = w.gather(1, first).squeeze(1)
+    h = h.gather(1, first).squeeze(1)
+    # Fallback as in torchvision: the whole image, or a centred box clamped to the ratio bounds.
+    found = fits.any(dim=1)
+    if r_lo > 1.0:  # the image (ratio 1) is too tall: keep the width
+        fb_w, fb_h = 1.0, 1.0 / r_lo
+    elif r_hi < 1.0:  # the image is too wide: keep the height
+        fb_w, fb_h = r_hi, 1.0
+    else:
+        fb_w, fb_h = 1.0, 1.0
+    w = torch.where(found, w, torch.full_like(w, fb_w))
+    h = torch.where(found, h, torch.full_like(h, fb_h))
+    pos = torch.rand(n, 2, generator=generator, dtype=torch.float64)
+    top = torch.where(found, pos[:, 0] * (1 - h), (1 - h) / 2)
+    left = torch.where(found, pos[:, 1] * (1 - w), (1 - w) / 2)
+    return torch.stack([top, left, h, w], dim=1).float()
+
+
+def check_groups(n: int, group_size: int) -> None:
+    """Raise :class:`CareError` unless ``n`` images split into whole groups of ``group_size``."""
+    if group_size < 1:
+        raise CareError(f"group_size={group_size} must be >= 1")
+    if n % group_size != 0:
+        raise CareError(
+            f"batch of {n} images does not split into groups of {group_size}: "
+            "choose batch_size divisible by group_size"
+        )
+
+
+def sample_params(
+    n: int, recipe: AugmentRecipe, generator: torch.Generator, group_size: int = 1
+) -> AugParams:
+    """Draw parameters for ``n`` images, one independent record per group of ``group_size``.
+
+    ``n // group_size`` records are drawn on the CPU from ``generator`` and each is repeated
+    ``group_size`` times, so images ``g*m .. g*m+m-1`` share record ``g`` (design notes,
+    "Group-shared augmentation"). The same generator state always gives the same records.
+    """
+    check_groups(n, group_size)
+    if generator.device.type != "cpu":
+        raise CareError("sample_params: pass a CPU torch.Generator (parameters are drawn on CPU)")
+    g = n // group_size
+    crop = _sample_crop(g, recipe, generator)
+    flip = torch.rand(g, generator=generator) < recipe.flip_p
+
+    jitter = torch.rand(g, generator=generator) < recipe.jitter_p
+    factors = []
+    for strength in (recipe.brightness, recipe.contrast, recipe.saturation):
+        f = _uniform(g, max(0.0, 1.0 - strength), 1.0 + strength, generator).float()
+        factors.append(torch.where(jitter, f, torch.ones_like(f)))
+    hue = _uniform(g, -recipe.hue, recipe.hue, generator).float()
+    hue = torch.where(jitter, hue, torch.zeros_like(hue))
+    order = torch.argsort(torch.rand(g, 4, generator=generator), dim=1)
+
+    grayscale = torch.rand(g, generator=generator) < recipe.grayscale_p
+    blur = torch.rand(g, generator=generator) < recipe.blur_p
+    sigma = _uniform(g, recipe.blur_sigma[0], recipe.blur_sigma[1], generator).float()
+    sigma = torch.where(blur, sigma, torch.zeros_like(sigma))
+
+    record = AugParams(
+        crop=crop,
+        flip=flip,
+        jitter=jitter,
+        brightness=factors[0],
+        contrast=factors[1],
+        saturation=factors[2],
+        hue=hue,
+        jitter_order=order,
+        grayscale=grayscale,
+        blur_sigma=sigma,
+    )
+    if group_size == 1:
+        return record
+    return AugParams(
+        **{k: v.repeat_interleave(group_size, dim=0) for k, v in record.as_dict().items()}
+    )

@@ -1,0 +1,149 @@
+"""The SimCLR augmentation pipeline on batched tensors, with group-shared parameters.
+
+:class:`Augmenter` samples parameter records (:func:`care.augment.params.sample_params`) and
+applies them with the kernels of :mod:`care.augment.ops` on the batch's own device. For CARE's
+``L_equi`` a batch splits into groups of ``m`` consecutive images that share one record (paper,
+Algorithm 1; design notes, "Group-shared augmentation").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from care.augment import ops
+from care.augment.params import AugmentRecipe, AugParams, check_groups, sample_params
+from care.errors import CareError
+
+__all__ = ["PAIRS_MODES", "Augmenter", "default_blur_kernel"]
+
+#: ``per_group``: an independent record per group (the paper); ``per_batch``: one record for the
+#: whole batch (what the official code's ``vmap(randomness="same")`` appears to do).
+PAIRS_MODES = ("per_group", "per_batch")
+
+
+def default_blur_kernel(output_size: int) -> int:
+    """SimCLR's blur kernel: 10% of the image side, rounded to the nearest odd int, at least 3."""
+    return max(3, 2 * round((0.1 * output_size - 1) / 2) + 1)
+
+
+class Augmenter:
+    """Sample and apply SimCLR augmentations to uint8 or float image batches.
+
+    Order: crop + resize -> flip -> colour jitter -> grayscale -> blur -> normalise. The output is
+    float32 ``(B, C, output_size, output_size)`` normalised by ``(x - mean) / std``.
+    """
+
+    def __init__(
+        self,
+        recipe: AugmentRecipe,
+        output_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        blur_kernel: int | None = None,
+    ) -> None:
+        if output_size < 1:
+            raise CareError(f"augment: output_size={output_size} must be >= 1")
+        if len(mean) != len(std) or len(mean) not in (1, 3):
+            raise CareError(
+                f"augment: mean {list(mean)} and std {list(std)} need one value per "
+                "channel (1 or 3 channels)"
+            )
+        if any(s <= 0 for s in std):
+            raise CareError(f"augment: std {list(std)} must be positive")
+        kernel = default_blur_kernel(output_size) if blur_kernel is None else blur_kernel
+        if kernel < 1 or kernel % 2 == 0:
+            raise CareError(f"augment: blur_kernel={kernel} must be a positive odd integer")
+        self.recipe = recipe
+        self.output_size = output_size
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self.blur_kernel = kernel
+
+    def __repr__(self) -> str:
+        return (
+            f"Augmenter(recipe={self.recipe!r}, output_size={self.output_size}, "
+            f"mean={self.mean}, std={self.std}, blur_kernel={self.blur_kernel})"
+        )
+
+    def sample(
+        self,
+        n: int,
+        generator: torch.Generator,
+        group_size: int = 1,
+        pairs: str = "per_group",
+    ) -> AugParams:
+        """Parameters for ``n`` images: one record per group of ``group_size``, or per batch."""
+        if pairs not in PAIRS_MODES:
+            raise CareError(f"augment: pairs={pairs!r} must be one of {', '.join(PAIRS_MODES)}")
+        if pairs == "per_batch":
+            check_groups(n, group_size)  # a bad batch/group config fails in either mode
+            return sample_params(n, self.recipe, generator, group_size=max(n, 1))
+        return sample_params(n, self.recipe, generator, group_size)
+
+    def apply(self, images: Tensor, params: AugParams) -> Tensor:
+        """Apply ``params`` (one row per image) to ``images`` on the images' device."""
+        if images.dim() != 4:
+            raise CareError(
+                f"augment: images must be (B, C, H, W), got shape {tuple(images.shape)}"
+            )
+        bsz, ch = images.shape[:2]
+        if ch != len(self.mean):
+            raise CareError(
+                f"augment: images have {ch} channels but mean/std have {len(self.mean)} values"
+            )
+        if len(params) != bsz:
+            raise CareError(f"augment: {len(params)} parameter rows for {bsz} images")
+        if images.dtype == torch.uint8:
+            x = images.to(torch.float32).div_(255.0)
+        elif images.is_floating_point():
+            x = images.to(torch.float32)
+        else:
+            raise CareError(f"augment: images must be uint8 or float, got {images.dtype}")
+        device = x.device
+        p = params.to(device)
+
+        x = ops.resized_crop(x, p.crop, self.output_size, flip=p.flip)
+
+        jit = p.jitter
+        one = torch.ones_like(p.brightness)
+        x = ops.color_jitter(
+            x,
+            torch.where(jit, p.brightness, one),
+            torch.where(jit, p.contrast, one),
+            torch.where(jit, p.saturation, one),
+            torch.where(jit, p.hue, torch.zeros_like(p.hue)),
+            p.jitter_order,
+        )
+
+        if ch == 3:
+            gray_rows = p.grayscale.nonzero().squeeze(1)
+            if gray_rows.numel() > 0:
+                gray = ops.grayscale(x.index_select(0, gray_rows)).expand(-1, 3, -1, -1)
+                x.index_copy_(0, gray_rows, gray)
+
+        blur_rows = p.blur_sigma.gt(0).nonzero().squeeze(1)
+        if blur_rows.numel() > 0:
+            sigma = p.blur_sigma.index_select(0, blur_rows)
+            blurred = ops.gaussian_blur(x.index_select(0, blur_rows), sigma, self.blur_kernel)
+            x.index_copy_(0, blur_rows, blurred)
+
+        # (x - mean) / std as one fused multiply-add.
+        scale = torch.tensor([1.0 / s for s in self.std], device=device, dtype=x.dtype)
+        shift = torch.tensor(
+            [-m / s for m, s in zip(self.mean, self.std, strict=True)], device=device
+        )
+        return torch.addcmul(shift.view(1, -1, 1, 1), x, scale.view(1, -1, 1, 1))
+
+    def __call__(
+        self,
+        images: Tensor,
+        generator: torch.Generator,
+        group_size: int = 1,
+        pairs: str = "per_group",
+    ) -> tuple[Tensor, AugParams]:
+        """Sample parameters for ``images`` and apply them; returns ``(views, params)``."""
+        params = self.sample(images.shape[0], generator, group_size, pairs)
+        return self.apply(images, params), params

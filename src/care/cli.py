@@ -1,0 +1,92 @@
+"""The `care` command: `care pretrain | probe`.
+
+User errors (bad config, missing or corrupt data, NaN loss, unsafe checkpoint) print one line,
+``error: ...``, and exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+
+from care.errors import CareError
+
+
+def _quiet_lightning() -> None:
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*predefined tensorboard.*")
+    os.environ.setdefault("POSSIBLE_USER_WARNINGS", "off")
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from care.config import load_config, to_yaml
+
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
+    from care.train import pretrain
+
+    run = pretrain(cfg)
+    print(f"run written to {run.root}")
+    return 0
+
+
+def _probe(args: argparse.Namespace) -> int:
+    from care.config import parse_overrides
+    from care.evaluate.probe import PROBE_KEYS, print_results, probe_run
+
+    args.overrides = [a for a in args.items if "=" in a]
+    args.runs = [a for a in args.items if "=" not in a]
+    if not args.runs:
+        raise CareError("no run directory given: care probe RUN_DIR [RUN_DIR ...] [key=value ...]")
+    overrides = dict(parse_overrides(args.overrides))
+    for key in overrides:
+        if key not in PROBE_KEYS:
+            raise CareError(f"'{key}' cannot be changed by `care probe`: use one of {list(PROBE_KEYS)}")
+    results = [probe_run(run_dir, overrides) for run_dir in args.runs]
+    print_results(results)
+    for r in results:
+        print(f"wrote {r['run']}/probe.json")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="care", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    pretrain = commands.add_parser("pretrain", help="pretrain simclr, care or equi_unif")
+    pretrain.add_argument("--config", help="YAML preset, e.g. configs/fashion-mnist.yaml")
+    pretrain.add_argument("--print-config", action="store_true",
+                          help="print the resolved config and exit")
+    pretrain.add_argument("overrides", nargs="*", metavar="key=value")
+    pretrain.set_defaults(run=_pretrain)
+
+    probe = commands.add_parser("probe", help="linear probe and kNN of pretrained runs")
+    probe.add_argument("items", nargs="+", metavar="RUN_DIR | key=value",
+                       help="run directories, then settings such as probe_epochs=100")
+    probe.set_defaults(run=_probe)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_lightning()
+    try:
+        return int(args.run(args))
+    except CareError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

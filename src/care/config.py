@@ -1,0 +1,210 @@
+"""The run configuration: one flat schema, YAML presets and ``key=value`` overrides.
+
+The defaults are the CPU preset (``configs/fashion-mnist.yaml``): a ResNet-18 with widths
+16-32-64-128 on Fashion-MNIST at 28 px, which pretrains on a laptop CPU in minutes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from care.errors import CareError
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "dataset": ("fashion-mnist", "mnist", "cifar10", "cifar100", "stl10", "imagefolder"),
+    "method": ("simclr", "care", "equi_unif"),
+    "views": ("separate", "shared"),
+    "pairs": ("per_group", "per_batch"),
+    "backbone": ("resnet18", "resnet34", "resnet50"),
+    "stem": ("cifar", "imagenet"),
+    "optimizer": ("adam", "sgd"),
+    "scheduler": ("cosine", "constant"),
+    "precision": ("32", "bf16-mixed", "16-mixed"),
+    "accelerator": ("auto", "cpu", "gpu", "cuda", "mps"),
+}
+
+#: Methods whose loss includes L_equi and so needs group-shared views.
+GROUPED_METHODS = ("care", "equi_unif")
+
+
+@dataclass
+class Config:
+    """Every setting of a pretraining run. Names match the CLI's ``key=value`` overrides."""
+
+    # data
+    dataset: str = "fashion-mnist"
+    data_root: str | None = None  # None: $CARE_DATA/<dataset>, ./data/<dataset>, /usr/share/datasets
+    class_list: str | None = None  # imagefolder: file with one class folder per line
+    train_samples: int | None = None  # use only the first N pretraining images
+    image_size: int | None = None  # crop output size; None: the dataset's native size
+    load_size: int | None = None  # imagefolder: decode size before cropping (default 256)
+    crop_min_scale: float = 0.08  # RandomResizedCrop scale lower bound
+    num_workers: int = 0
+    # method
+    method: str = "care"
+    views: str = "separate"  # separate: 2 InfoNCE + 2 group-shared views; shared: 2 in all
+    pairs: str = "per_group"  # per_group (Algorithm 1) or per_batch (the official code)
+    group_size: int = 16  # m: images that share one augmentation pair
+    weight: float = 0.01  # λ, the weight of L_equi
+    temperature: float = 0.5
+    # model
+    backbone: str = "resnet18"
+    stem: str = "cifar"
+    widths: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
+    head_hidden: int = 512
+    head_out: int = 128
+    # optimisation
+    epochs: int = 5
+    batch_size: int = 256  # per device
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 1e-6
+    momentum: float = 0.9  # SGD only
+    scheduler: str = "cosine"
+    warmup_epochs: float = 0.0
+    precision: str = "32"
+    accelerator: str = "auto"
+    devices: int = 1
+    seed: int = 0
+    # online monitor and evaluation
+    knn_every: int = 1  # epochs between online kNN checks; 0 turns it off
+    knn_k: int = 200
+    knn_temperature: float = 0.1
+    knn_bank_samples: int | None = 10000  # training images in the online kNN bank (None: all)
+    probe_epochs: int = 30
+    probe_seeds: int = 3
+    probe_lr: float = 1e-3
+    probe_weight_decay: float = 1e-6
+    probe_batch_size: int = 256
+    # run directory
+    out: str = "runs/care"
+    resume: bool = False
+    log_every: int = 20  # steps between logged training metrics
+
+    @property
+    def grouped(self) -> bool:
+        """True when the method trains L_equi on group-shared views."""
+        return self.method in GROUPED_METHODS
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+KEYS = tuple(f.name for f in dataclasses.fields(Config))
+
+
+def _one_line(exc: OmegaConfBaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def parse_overrides(overrides: list[str]) -> DictConfig:
+    """Turn ``["key=value", ...]`` into a config; values are parsed as YAML (``1e-3``, ``[1,2]``)."""
+    for item in overrides:
+        key, sep, _ = item.partition("=")
+        if not sep or not key:
+            raise CareError(f"bad argument '{item}': write settings as key=value, e.g. epochs=10")
+        if key not in KEYS:
+            raise CareError(
+                f"unknown config key '{key}': run `care pretrain --print-config` to list the keys"
+            )
+    try:
+        return OmegaConf.from_dotlist(overrides)
+    except OmegaConfBaseException as exc:
+        raise CareError(f"bad override in {overrides}: {_one_line(exc)}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file at ``path``, then ``key=value`` overrides; validated."""
+    layers: list[Any] = [OmegaConf.structured(Config)]
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise CareError(f"config file {path} not found: pass an existing YAML file to --config")
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as exc:  # YAML syntax errors come in several types
+            raise CareError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(loaded, DictConfig):
+            raise CareError(f"config file {path} must hold a mapping of key: value")
+        unknown = sorted(set(map(str, loaded.keys())) - set(KEYS))
+        if unknown:
+            raise CareError(
+                f"unknown config key '{unknown[0]}' in {path}: run `care pretrain --print-config` "
+                "to list the keys"
+            )
+        layers.append(loaded)
+    layers.append(parse_overrides(overrides or []))
+    try:
+        merged = OmegaConf.merge(*layers)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        raise CareError(f"bad value for '{key}': {_one_line(exc)}") from None
+    assert isinstance(cfg, Config)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    """Rebuild a config saved in a run directory (unknown keys are an error)."""
+    unknown = sorted(set(values) - set(KEYS))
+    if unknown:
+        raise CareError(f"saved config has unknown key '{unknown[0]}': it was written by another "
+                        "version of care")
+    cfg = Config(**values)
+    validate(cfg)
+    return cfg
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise CareError(message)
+
+
+def validate(cfg: Config) -> None:
+    """Check choices and ranges; every failure is one line naming the key and the fix."""
+    for key, choices in CHOICES.items():
+        value = getattr(cfg, key)
+        _require(value in choices, f"bad value for '{key}': {value!r}; choose one of {list(choices)}")
+    positive = ("epochs", "batch_size", "group_size", "head_hidden", "head_out", "devices",
+                "knn_k", "probe_epochs", "probe_seeds", "probe_batch_size", "log_every")
+    for key in positive:
+        value = getattr(cfg, key)
+        _require(value >= 1, f"bad value for '{key}': {value}; it must be at least 1")
+    for key in ("lr", "temperature", "knn_temperature", "probe_lr"):
+        value = getattr(cfg, key)
+        _require(value > 0, f"bad value for '{key}': {value}; it must be positive")
+    for key in ("weight", "weight_decay", "momentum", "warmup_epochs", "probe_weight_decay",
+                "knn_every", "num_workers"):
+        value = getattr(cfg, key)
+        _require(value >= 0, f"bad value for '{key}': {value}; it must not be negative")
+    _require(
+        0 < cfg.crop_min_scale <= 1, f"bad value for 'crop_min_scale': {cfg.crop_min_scale}; "
+        "it must lie in (0, 1]"
+    )
+    _require(len(cfg.widths) == 4 and all(w >= 1 for w in cfg.widths),
+             f"bad value for 'widths': {cfg.widths}; give 4 stage widths, e.g. [16,32,64,128]")
+    for key in ("train_samples", "image_size", "load_size", "knn_bank_samples"):
+        value = getattr(cfg, key)
+        _require(value is None or value >= 1,
+                 f"bad value for '{key}': {value}; it must be at least 1 (or null for the default)")
+    if cfg.grouped:
+        _require(cfg.group_size >= 2,
+                 f"bad value for 'group_size': {cfg.group_size}; L_equi needs groups of at least 2")
+        _require(
+            cfg.batch_size % cfg.group_size == 0,
+            f"batch_size={cfg.batch_size} does not split into groups of group_size={cfg.group_size}:"
+            " choose a batch_size that is a multiple of group_size",
+        )
+    _require(cfg.batch_size >= 2, "bad value for 'batch_size': InfoNCE needs at least 2 images")
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML (what ``--print-config`` prints and a run directory keeps)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

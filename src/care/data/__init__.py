@@ -1,0 +1,21 @@
+"""Native readers for image-classification datasets (IDX, CIFAR pickles, STL-10, image folders).
+
+``load_dataset(name, root, split)`` returns a ``LabeledImages``: uint8 ``(C, H, W)`` images with
+integer labels (``-1`` = unlabeled) and the dataset's per-channel ``mean``/``std``.
+"""
+
+from __future__ import annotations
+
+from care.data.base import DatasetSpec, LabeledImages, TensorImages
+from care.data.folder import FolderImages
+from care.data.registry import DATASETS, load_dataset, resolve_data_root
+
+__all__ = [
+    "DATASETS",
+    "DatasetSpec",
+    "FolderImages",
+    "LabeledImages",
+    "TensorImages",
+    "load_dataset",
+    "resolve_data_root",
+]

@@ -1,0 +1,39 @@
+"""Frozen-backbone features of a labelled split, with a progress bar."""
+
+from __future__ import annotations
+
+import torch
+from rich.progress import Progress
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from care.augment.eval import eval_transform
+from care.data import LabeledImages
+from care.methods import DataInfo
+
+
+@torch.no_grad()
+def extract_features(
+    module: nn.Module,
+    dataset: LabeledImages,
+    info: DataInfo,
+    *,
+    batch_size: int = 512,
+    device: torch.device | str = "cpu",
+    description: str = "features",
+) -> tuple[Tensor, Tensor]:
+    """``module`` applied to every image (eval transform, eval mode): (features, labels) on CPU."""
+    was_training = module.training
+    module.eval().to(device)
+    features, labels = [], []
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    with Progress(transient=True) as progress:
+        task = progress.add_task(description, total=len(loader))
+        for images, y in loader:
+            x = eval_transform(images.to(device), info.image_size, info.mean, info.std,
+                               info.eval_crop_fraction)
+            features.append(module(x).float().cpu())
+            labels.append(y)
+            progress.advance(task)
+    module.train(was_training)
+    return torch.cat(features), torch.cat(labels)

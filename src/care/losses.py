@@ -1,0 +1,126 @@
+"""Losses of CARE (paper, Section 3): InfoNCE = L_inv + L_unif, and the equivariance loss L_equi.
+
+All functions are pure: they take embeddings and return scalar tensors. Embeddings are rows
+(``(N, d)`` tensors); for the spherical losses they are expected to be L2-normalised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from care.errors import CareError
+
+
+@dataclass(frozen=True)
+class InfoNCETerms:
+    """The two parts of NT-Xent: ``info_nce = inv + unif`` (Wang & Isola, 2020; paper, Sec. 3)."""
+
+    inv: Tensor
+    """Alignment term: ``-mean_i s(z_i, z_i^+) / τ``, minimised by invariant embeddings."""
+    unif: Tensor
+    """Uniformity term: ``mean_i log Σ_{k≠i} exp(s(z_i, z_k) / τ)``, minimised by spread-out ones."""
+
+    @property
+    def total(self) -> Tensor:
+        return self.inv + self.unif
+
+
+def _full_precision(x: Tensor) -> Tensor:
+    """Half-precision inputs (under autocast) are computed in float32; float64 stays float64."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _check_pair(z1: Tensor, z2: Tensor) -> None:
+    if z1.ndim != 2 or z1.shape != z2.shape:
+        raise ValueError(f"expected two (N, d) tensors of one shape, got {tuple(z1.shape)} and "
+                         f"{tuple(z2.shape)}")
+
+
+def info_nce_terms(
+    z1: Tensor,
+    z2: Tensor,
+    temperature: float,
+    *,
+    candidates1: Tensor | None = None,
+    candidates2: Tensor | None = None,
+    offset: int = 0,
+) -> InfoNCETerms:
+    """NT-Xent (SimCLR) over the 2N samples, split into ``inv`` and ``unif``.
+
+    Sample ``i`` of view 1 has the positive ``i`` of view 2 and the 2N - 2 other samples as negatives
+    (and symmetrically). The loss is averaged over all 2N anchors. Similarities are dot products, so
+    pass L2-normalised embeddings for cosine similarity.
+
+    ``candidates1``/``candidates2`` (optional) are the rows that anchors are compared against, e.g.
+    both views gathered from all ranks under DDP; the local rows then sit at ``offset`` in them.
+    """
+    _check_pair(z1, z2)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    n = z1.shape[0]
+    c1 = z1 if candidates1 is None else candidates1
+    c2 = z2 if candidates2 is None else candidates2
+    anchors = _full_precision(torch.cat([z1, z2]))  # (2n, d)
+    candidates = _full_precision(torch.cat([c1, c2]))  # (2M, d)
+    m = c1.shape[0]
+    logits = anchors @ candidates.T / temperature  # (2n, 2M)
+    rows = torch.arange(2 * n, device=z1.device)
+    local = torch.arange(n, device=z1.device) + offset
+    self_cols = torch.cat([local, local + m])
+    positive_cols = torch.cat([local + m, local])
+    positives = logits[rows, positive_cols]
+    logits = logits.index_put((rows, self_cols), torch.tensor(float("-inf"), device=z1.device, dtype=logits.dtype))
+    inv = -positives.mean()
+    unif = torch.logsumexp(logits, dim=1).mean()
+    return InfoNCETerms(inv=inv, unif=unif)
+
+
+def info_nce(z1: Tensor, z2: Tensor, temperature: float) -> Tensor:
+    """NT-Xent loss L_InfoNCE = L_inv + L_unif (paper, Sec. 3; Chen et al., 2020)."""
+    return info_nce_terms(z1, z2, temperature).total
+
+
+def equivariance_loss(z1: Tensor, z2: Tensor, group_size: int) -> Tensor:
+    """L_equi (paper, Sec. 3) on groups of ``group_size`` consecutive rows.
+
+    Rows ``g*m .. g*m+m-1`` of ``z1`` are one group under augmentation ``a_g`` and the same rows of
+    ``z2`` the group under ``a'_g``. Per group the loss is
+    ``(2/m) · Σ_{i≠j} (<z_i, z_j> - <z'_i, z'_j>)²`` (the official implementation's scale, so the
+    paper's λ values carry over), averaged over groups. It is zero exactly when the Gram matrices
+    agree, e.g. when ``z2 = z1 @ Q.T`` for an orthogonal ``Q`` per group. Batched, no Python loop.
+    """
+    _check_pair(z1, z2)
+    n, d = z1.shape
+    if group_size < 2 or n % group_size != 0:
+        raise CareError(
+            f"{n} embeddings do not split into groups of group_size={group_size}: "
+            "choose a batch_size divisible by group_size (and group_size >= 2)"
+        )
+    groups = n // group_size
+    a = _full_precision(z1).reshape(groups, group_size, d)
+    b = _full_precision(z2).reshape(groups, group_size, d)
+    diff = a @ a.transpose(1, 2) - b @ b.transpose(1, 2)  # (G, m, m)
+    # The diagonal holds <z_i, z_i> - <z'_i, z'_i>; the sum runs over i != j only.
+    squared = diff.square().sum(dim=(1, 2)) - torch.diagonal(diff, dim1=1, dim2=2).square().sum(1)
+    return (2.0 / group_size) * squared.mean()
+
+
+def care_loss(
+    z1: Tensor,
+    z2: Tensor,
+    e1: Tensor,
+    e2: Tensor,
+    *,
+    temperature: float,
+    weight: float,
+    group_size: int,
+) -> Tensor:
+    """L_CARE = L_inv + L_unif + λ · L_equi (paper, Sec. 3).
+
+    ``z1, z2`` are the two views for InfoNCE; ``e1, e2`` the two group-shared views for L_equi (pass
+    the same tensors for the ``views=shared`` variant).
+    """
+    return info_nce(z1, z2, temperature) + weight * equivariance_loss(e1, e2, group_size)

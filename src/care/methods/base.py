@@ -1,0 +1,149 @@
+"""The one base method: encoder f = sphere ∘ head ∘ backbone, batched augmentation, optimiser.
+
+A method only chooses its views (:meth:`ContrastiveMethod.sample_views`) and its loss
+(:meth:`ContrastiveMethod.compute_loss`); the base class augments all views in one go, embeds them
+in one forward pass, checks the loss, logs it and builds the optimiser and schedule.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from care.augment import AugmentRecipe, Augmenter, AugParams
+from care.augment.eval import eval_transform
+from care.config import Config
+from care.errors import CareError
+from care.models import ProjectionHead, ResNet, to_sphere
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What a method needs to know about its data."""
+
+    channels: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    num_classes: int
+    eval_crop_fraction: float = 1.0
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """Seed of the augmentation generator for one (seed, step, rank): reproducible and resumable."""
+    return ((seed * 1_000_003 + step) * 10_007 + rank) % (2**63 - 1)
+
+
+class ContrastiveMethod(L.LightningModule):
+    """Base LightningModule of every method. Subclasses set ``name`` and implement two hooks."""
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, cfg: Config, data: DataInfo) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.data = data
+        self.backbone = ResNet(
+            cfg.backbone, in_channels=data.channels, stem=cfg.stem, widths=cfg.widths
+        )
+        self.head = ProjectionHead(self.backbone.feature_dim, cfg.head_hidden, cfg.head_out)
+        recipe = AugmentRecipe.for_channels(data.channels, crop_scale=(cfg.crop_min_scale, 1.0))
+        self.augmenter = Augmenter(recipe, data.image_size, data.mean, data.std)
+
+    # ----------------------------------------------------------------- hooks
+    def sample_views(self, n: int, generator: torch.Generator) -> list[AugParams]:
+        """Augmentation records of every view of a batch of ``n`` images."""
+        raise NotImplementedError
+
+    def compute_loss(self, embeddings: list[Tensor]) -> dict[str, Tensor]:
+        """Loss terms from the views' embeddings (same order as ``sample_views``); key ``loss``."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------- the encoder
+    def embed(self, x: Tensor) -> Tensor:
+        """f(x) on the unit sphere: normalised projection of the backbone features."""
+        return to_sphere(self.head(self.backbone(x)))
+
+    def step_generator(self) -> torch.Generator:
+        """CPU generator for this step's augmentation, seeded by (seed, step, rank)."""
+        gen = torch.Generator()
+        gen.manual_seed(step_seed(self.cfg.seed, self.global_step, self.global_rank))
+        return gen
+
+    def augment_views(self, images: Tensor, params: list[AugParams]) -> Tensor:
+        """All views stacked: (len(params) * B, C, S, S)."""
+        return torch.cat([self.augmenter.apply(images, p) for p in params])
+
+    def forward_views(self, views: Tensor, count: int) -> list[Tensor]:
+        """Embed all views in one forward pass and split them back."""
+        return list(self.embed(views).float().chunk(count))
+
+    # -------------------------------------------------------------- training
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        images = batch[0]
+        params = self.sample_views(images.shape[0], self.step_generator())
+        views = self.augment_views(images, params)
+        losses = self.compute_loss(self.forward_views(views, len(params)))
+        loss = losses["loss"]
+        if not torch.isfinite(loss):
+            raise CareError(
+                f"loss became {loss.item()} at step {self.global_step} (epoch {self.current_epoch}):"
+                " lower lr, raise temperature or use precision=32"
+            )
+        for key, value in losses.items():
+            self.log(f"train/{key}", value.detach(), prog_bar=key == "loss", on_step=True,
+                     on_epoch=False, batch_size=images.shape[0])
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True,  # type: ignore[union-attr]
+                 on_epoch=False, batch_size=images.shape[0])
+        return loss
+
+    def validation_step(
+        self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0
+    ) -> dict[str, Tensor]:
+        """Backbone features of un-augmented images, for the online kNN monitor."""
+        images, labels = batch
+        x = eval_transform(
+            images, self.data.image_size, self.data.mean, self.data.std, self.data.eval_crop_fraction
+        )
+        return {"features": self.backbone(x).float(), "labels": labels}
+
+    # ------------------------------------------------------------- optimiser
+    def configure_optimizers(self) -> Any:
+        cfg = self.cfg
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer: torch.optim.Optimizer
+        if cfg.optimizer == "adam":
+            optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        else:
+            optimizer = torch.optim.SGD(
+                params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+            )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(cfg.warmup_epochs * total / cfg.epochs)
+        schedule = WarmupCosine(total, warmup, cosine=cfg.scheduler == "cosine")
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class WarmupCosine:
+    """Multiplier of the base lr per step: linear warm-up to 1, then cosine decay to 0 (or flat).
+
+    A plain object, so LambdaLR's state dict holds only numbers (checkpoints load weights-only).
+    """
+
+    def __init__(self, total: int, warmup: int, cosine: bool) -> None:
+        self.total, self.warmup, self.cosine = total, warmup, cosine
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        if not self.cosine:
+            return 1.0
+        progress = (step - self.warmup) / max(1, self.total - self.warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+

@@ -1,0 +1,625 @@
+"""Equivariance metrics for embeddings: Wahba's problem, relative equivariance γ_f, composition.
+
+These measure how well one augmentation ``a`` acts on the embedding space as a single orthogonal
+map (CARE paper, Section 4, "Measuring orthogonal action on embedding space"), and whether such
+maps compose like a group action (Section 3.1, Corollary 1).
+
+Convention: rows are samples
+----------------------------
+Every function takes ``F`` and ``F_a`` as ``(n, d)`` tensors whose row ``i`` is ``f(x_i)`` and
+``f(a(x_i))``. This is the **transpose** of the paper's ``d × n`` matrices, whose columns are the
+embeddings. The paper's fit ``R F ≈ F_a`` (i.e. ``f(a(x)) ≈ R f(x)``) therefore reads
+``F_a ≈ F Rᵀ`` here. Returned rotations are always the paper's ``R``: apply one to a single
+embedding as ``R @ f(x)`` and to a batch of rows as ``F @ R.T``.
+
+Numerics
+--------
+Inputs may be float32 (or any real dtype) on the CPU or a CUDA device. All linear algebra runs in
+float64 on the input's device (MPS has no float64, so MPS inputs are computed on the CPU). Scalar
+results are Python floats; matrices are float64 tensors. Errors are computed as norms of explicit
+residuals, never through the trace identity ``||A||² + ||B||² - 2 tr(·)``, which cancels
+catastrophically when the fit is good. Non-finite inputs raise :class:`ValueError`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "EquivarianceReport",
+    "ProbeResult",
+    "WahbaResult",
+    "composition_error",
+    "equivariance_report",
+    "linear_fit",
+    "parameter_probe",
+    "relative_equivariance",
+    "wahba_error",
+]
+
+_GROUPS = ("SO", "O")
+# Relative threshold below which an invariance distance counts as zero (see EquivarianceReport).
+_ZERO_REL = 1e-12
+# Elements per (rows × n) block in relative_equivariance: 2**22 float64 = 32 MiB per temporary.
+_BLOCK_ELEMENTS = 1 << 22
+
+
+# --------------------------------------------------------------------------------------------
+# Input handling
+# --------------------------------------------------------------------------------------------
+
+
+def _compute_device(device: torch.device) -> torch.device:
+    """The device to run float64 linear algebra on: the input's, except MPS → CPU."""
+    return torch.device("cpu") if device.type == "mps" else device
+
+
+def _as_f64(x: Tensor, name: str, device: torch.device | None = None) -> Tensor:
+    """Detach, move to the compute device and cast to float64; check it is finite."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.is_complex():
+        raise ValueError(f"{name} must be real, got dtype {x.dtype}")
+    dev = _compute_device(x.device) if device is None else device
+    out = x.detach().to(device=dev, dtype=torch.float64)
+    if not bool(torch.isfinite(out).all()):
+        raise ValueError(f"{name} contains NaN or Inf values; check the model's embeddings")
+    return out
+
+
+def _pair(F: Tensor, F_a: Tensor, names: tuple[str, str] = ("F", "F_a")) -> tuple[Tensor, Tensor]:
+    """Validate two ``(n, d)`` embedding matrices of equal shape and return float64 copies."""
+    for x, nm in zip((F, F_a), names, strict=True):
+        if not isinstance(x, Tensor) or x.ndim != 2:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"{nm} must be a 2-D (n, d) tensor with rows = samples, got {shape}")
+    if F.shape != F_a.shape:
+        raise ValueError(
+            f"{names[0]} and {names[1]} must have the same (n, d) shape, "
+            f"got {tuple(F.shape)} and {tuple(F_a.shape)}"
+        )
+    if F.shape[0] < 1 or F.shape[1] < 1:
+        raise ValueError(
+            f"{names[0]} must have at least one row and one column, got {tuple(F.shape)}"
+        )
+    dev = _compute_device(F.device)
+    return _as_f64(F, names[0], dev), _as_f64(F_a, names[1], dev)
+
+
+def _check_group(group: str) -> None:
+    if group not in _GROUPS:
+        raise ValueError(f"group must be 'SO' or 'O', got {group!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Wahba's problem
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WahbaResult:
+    """Solution of Wahba's problem for one augmentation.
+
+    Attributes:
+        error: ``W_f = min_R ||R F - F_a||_Fro`` in the paper's ``d × n`` notation (paper, Sec. 4),
+            equal to ``||F Rᵀ - F_a||_Fro`` with this module's rows-as-samples matrices.
+        error_per_sqrt_n: ``error / √n``: the root-mean-square per-sample residual, comparable
+            across batch sizes.
+        rotation: the optimal ``(d, d)`` float64 matrix ``R``, with ``f(a(x)) ≈ R f(x)``.
+        group: ``"SO"`` (``det R = +1``, the paper's definition) or ``"O"`` (reflections allowed).
+    """
+
+    error: float
+    error_per_sqrt_n: float
+    rotation: Tensor
+    group: str
+
+
+def _svd_cross(F: Tensor, F_a: Tensor) -> tuple[Tensor, Tensor]:
+    """SVD of ``F_aᵀ F`` (the paper's ``F_a Fᵀ``); returns ``(U, Vᵀ)``."""
+    U, _, Vh = torch.linalg.svd(F_a.T @ F)
+    return U, Vh
+
+
+def _rotation_from_svd(U: Tensor, Vh: Tensor, group: str) -> Tensor:
+    """Kabsch/Wahba optimum ``U diag(1, …, 1, s) Vᵀ`` with ``s = det(U Vᵀ)`` for SO, 1 for O."""
+    if group == "O":
+        return U @ Vh
+    sign = torch.sign(torch.linalg.det(U @ Vh))
+    # det of an orthogonal matrix is ±1; guard the (impossible in exact arithmetic) zero case.
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    D = torch.ones(U.shape[1], dtype=U.dtype, device=U.device)
+    D[-1] = sign
+    return (U * D) @ Vh
+
+
+def _wahba(
+    F: Tensor, F_a: Tensor, group: str, svd: tuple[Tensor, Tensor] | None = None
+) -> WahbaResult:
+    """Wahba's problem on validated float64 inputs (optionally reusing the cross-covariance SVD)."""
+    U, Vh = _svd_cross(F, F_a) if svd is None else svd
+    R = _rotation_from_svd(U, Vh, group)
+    err = float(torch.linalg.vector_norm(F @ R.T - F_a).item())
+    return WahbaResult(
+        error=err,
+        error_per_sqrt_n=err / math.sqrt(F.shape[0]),
+        rotation=R,
+        group=group,
+    )
+
+
+def wahba_error(F: Tensor, F_a: Tensor, group: str = "SO") -> WahbaResult:
+    """Solve Wahba's problem ``W_f = min_{R ∈ G} ||R F - F_a||_Fro`` (paper, Section 4).
+
+    ``F`` and ``F_a`` are ``(n, d)`` with row ``i`` = ``f(x_i)`` and ``f(a(x_i))`` — the transpose
+    of the paper's ``d × n`` notation — so the fitted model is ``F_a ≈ F Rᵀ``, i.e.
+    ``f(a(x)) ≈ R f(x)``.
+
+    With the SVD ``U S Vᵀ = F_aᵀ F`` (the paper's ``F_a Fᵀ``), the optimum is
+    ``R = U diag(1, …, 1, det(U Vᵀ)) Vᵀ`` for ``G = SO(d)`` (the paper's choice) and ``R = U Vᵀ``
+    for ``G = O(d)``. The error is the Frobenius norm of the explicit residual ``F Rᵀ - F_a``.
+
+    If ``F`` has rank below ``d - 1`` (e.g. ``n < d - 1``), ``R`` is not unique; the error still is.
+
+    Args:
+        F: ``(n, d)`` embeddings of the original inputs.
+        F_a: ``(n, d)`` embeddings of the augmented inputs, same row order.
+        group: ``"SO"`` or ``"O"``.
+
+    Raises:
+        ValueError: unknown ``group``, mismatched or non-2-D shapes, or non-finite values.
+    """
+    _check_group(group)
+    F64, Fa64 = _pair(F, F_a)
+    return _wahba(F64, Fa64, group)
+
+
+# --------------------------------------------------------------------------------------------
+# Unconstrained linear fit
+# --------------------------------------------------------------------------------------------
+
+
+def _lstsq(F: Tensor, F_a: Tensor) -> Tensor:
+    """Minimum-norm least-squares ``X`` with ``F X ≈ F_a`` (rank-deficiency safe)."""
+    if F.device.type == "cpu":
+        # gelsd: SVD-based, handles rank-deficient F (returns the minimum-norm solution).
+        return torch.linalg.lstsq(F, F_a, rcond=None, driver="gelsd").solution
+    # On CUDA torch.linalg.lstsq only offers 'gels', which assumes full rank; the
+    # SVD-based pseudo-inverse gives the same minimum-norm solution for any rank.
+    return torch.linalg.pinv(F) @ F_a
+
+
+def linear_fit(F: Tensor, F_a: Tensor) -> tuple[Tensor, float]:
+    """Unconstrained least-squares map ``M = argmin_M ||F Mᵀ - F_a||_Fro`` and its residual.
+
+    This is Wahba's problem without the orthogonality constraint: ``f(a(x)) ≈ M f(x)`` with any
+    ``M ∈ R^{d×d}``. Its residual bounds the Wahba errors from below (``linear ≤ W_O ≤ W_SO``),
+    so a large value means that ``a`` does not even act *linearly* on the embeddings.
+
+    Rank-deficient ``F`` (e.g. ``n < d`` or embeddings confined to a subspace) is handled: the
+    minimum-norm solution is returned.
+
+    Returns:
+        ``(M, residual)``: ``M`` is a ``(d, d)`` float64 tensor; ``residual`` is
+        ``||F Mᵀ - F_a||_Fro / √n``.
+    """
+    F64, Fa64 = _pair(F, F_a)
+    M = _lstsq(F64, Fa64).T
+    res = float(torch.linalg.vector_norm(F64 @ M.T - Fa64).item())
+    return M, res / math.sqrt(F64.shape[0])
+
+
+# --------------------------------------------------------------------------------------------
+# Relative equivariance γ_f
+# --------------------------------------------------------------------------------------------
+
+
+def relative_equivariance(
+    F: Tensor,
+    F_a: Tensor,
+    eps: float = 1e-12,
+    *,
+    block_rows: int | None = None,
+) -> tuple[float, int, int]:
+    """Relative rotational equivariance ``γ_f`` for one augmentation (paper, Section 4).
+
+    The paper defines ``γ_f = E_a E_{x,x'} {num / den}`` with::
+
+        num = (||f(a(x')) - f(a(x))||² - ||f(x') - f(x)||²)²
+        den = (||f(a(x')) - f(x')||² + ||f(a(x)) - f(x)||²)²
+
+    This function evaluates the inner expectation for one augmentation: the mean of
+    ``num / den`` over all ordered pairs ``(i, j)``, ``i ≠ j``, of the rows of ``F`` and ``F_a``
+    (the ratio is symmetric, so this equals the mean over unordered pairs). The numerator measures
+    how much ``a`` changes pairwise distances (zero for any orthogonal action); the denominator is
+    the squared sum of the two displacements (zero only for a locally invariant pair). Average the
+    result over sampled augmentations for the outer ``E_a``.
+
+    Computed with Gram matrices in float64, processing ``block_rows`` rows at a time (default:
+    about 4M pair entries per block, i.e. ~420 rows at n = 10 000), so memory is ``O(n · block)``.
+
+    Degenerate pairs: pairs whose denominator ``den`` (the *squared* sum) is ``<= eps`` are
+    excluded from the mean and counted. If every pair is degenerate (e.g. ``F_a == F``) or
+    ``n < 2``, ``gamma`` is ``0.0`` with ``n_used = 0`` — never NaN.
+
+    Returns:
+        ``(gamma, n_pairs_used, n_degenerate)`` with ``n_pairs_used + n_degenerate = n (n - 1)``.
+    """
+    F64, Fa64 = _pair(F, F_a)
+    if eps < 0 or not math.isfinite(eps):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps}")
+    n = F64.shape[0]
+    if block_rows is None:
+        block_rows = max(1, _BLOCK_ELEMENTS // max(n, 1))
+    elif block_rows < 1:
+        raise ValueError(f"block_rows must be >= 1, got {block_rows}")
+
+    sq = (F64 * F64).sum(dim=1)  # ||f(x_i)||²
+    sq_a = (Fa64 * Fa64).sum(dim=1)  # ||f(a(x_i))||²
+    disp = ((Fa64 - F64) ** 2).sum(dim=1)  # ||f(a(x_i)) - f(x_i)||², computed directly
+    total = torch.zeros((), dtype=torch.float64, device=F64.device)
+    n_used = 0
+    n_degenerate = 0
+    cols = torch.arange(n, device=F64.device)
+    for start in range(0, n, block_rows):
+        stop = min(start + block_rows, n)
+        rows = torch.arange(start, stop, device=F64.device)
+        # Squared pairwise distances for rows [start, stop) against all n rows.
+        d_orig = sq[start:stop, None] + sq[None, :] - 2.0 * (F64[start:stop] @ F64.T)
+        d_aug = sq_a[start:stop, None] + sq_a[None, :] - 2.0 * (Fa64[start:stop] @ Fa64.T)
+        num = (d_aug - d_orig) ** 2
+        den = (disp[start:stop, None] + disp[None, :]) ** 2
+        off_diag = rows[:, None] != cols[None, :]
+        valid = off_diag & (den > eps)
+        n_valid = int(valid.sum().item())
+        n_used += n_valid
+        n_degenerate += int(off_diag.sum().item()) - n_valid
+        if n_valid:
+            total = total + (num[valid] / den[valid]).sum()
+    gamma = float(total.item()) / n_used if n_used else 0.0
+    return gamma, n_used, n_degenerate
+
+
+# --------------------------------------------------------------------------------------------
+# Full report for one augmentation trial
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EquivarianceReport:
+    """Everything measured for one augmentation trial (one batch ``F``, one augmentation ``a``).
+
+    All distances are Frobenius norms divided by ``√n`` (root-mean-square per sample).
+
+    Attributes:
+        n: number of samples (rows).
+        d: embedding dimension.
+        wahba_so: ``W_f / √n`` over ``SO(d)`` (paper, Section 4).
+        wahba_o: same over ``O(d)`` (reflections allowed).
+        linear_residual: ``min_M ||F Mᵀ - F_a||_F / √n`` over all ``d × d`` matrices; large means
+            ``a`` does not act linearly on the embeddings.
+        invariance_distance: ``||F - F_a||_F / √n``, how far ``a`` moves embeddings at all.
+        wahba_so_ratio: ``wahba_so / invariance_distance``, the share of the displacement that
+            no rotation explains. Since ``R = I`` is admissible, ``W_SO <= ||F - F_a||``, so the
+            ratio lies in ``[0, 1]`` (up to rounding): 0 = the displacement is a pure rotation,
+            1 = rotating does no better than staying put. When ``invariance_distance`` is zero
+            (at most ``1e-12`` times the embeddings' RMS norm), the Wahba error is zero too and
+            the ratio is defined as ``0.0``: it is never NaN or inf.
+        wahba_o_ratio: same for ``wahba_o``.
+        gamma: relative equivariance ``γ_f`` for this augmentation (see
+            :func:`relative_equivariance`).
+        gamma_pairs: ordered pairs used for ``gamma``.
+        gamma_degenerate_pairs: ordered pairs excluded because both displacements are ~zero.
+    """
+
+    n: int
+    d: int
+    wahba_so: float
+    wahba_o: float
+    linear_residual: float
+    invariance_distance: float
+    wahba_so_ratio: float
+    wahba_o_ratio: float
+    gamma: float
+    gamma_pairs: int
+    gamma_degenerate_pairs: int
+
+    def as_dict(self) -> dict[str, float | int]:
+        """Plain ``{name: value}`` dict, ready for JSON or CSV."""
+        return dict(asdict(self))
+
+
+def _ratio(num: float, den: float, scale: float) -> float:
+    """``num / den``, with 0.0 when ``den`` is zero relative to ``scale`` (see report docs)."""
+    if den <= _ZERO_REL * scale:
+        return 0.0
+    return num / den
+
+
+def equivariance_report(F: Tensor, F_a: Tensor) -> EquivarianceReport:
+    """Compute all equivariance metrics of one augmentation trial (see :class:`EquivarianceReport`).
+
+    ``F`` and ``F_a`` are ``(n, d)`` with rows = samples (the transpose of the paper's notation).
+    The ``SO(d)`` and ``O(d)`` Wahba solutions share one SVD.
+    """
+    F64, Fa64 = _pair(F, F_a)
+    n, d = F64.shape
+    sqrt_n = math.sqrt(n)
+    svd = _svd_cross(F64, Fa64)
+    w_so = _wahba(F64, Fa64, "SO", svd).error_per_sqrt_n
+    w_o = _wahba(F64, Fa64, "O", svd).error_per_sqrt_n
+    _, lin = linear_fit(F64, Fa64)
+    inv = float(torch.linalg.vector_norm(F64 - Fa64).item()) / sqrt_n
+    scale = float(torch.sqrt((F64.square().sum() + Fa64.square().sum()) / (2 * n)).item())
+    scale = max(scale, torch.finfo(torch.float64).tiny)
+    gamma, used, degenerate = relative_equivariance(F64, Fa64)
+    return EquivarianceReport(
+        n=n,
+        d=d,
+        wahba_so=w_so,
+        wahba_o=w_o,
+        linear_residual=lin,
+        invariance_distance=inv,
+        wahba_so_ratio=_ratio(w_so, inv, scale),
+        wahba_o_ratio=_ratio(w_o, inv, scale),
+        gamma=gamma,
+        gamma_pairs=used,
+        gamma_degenerate_pairs=degenerate,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Composition (Corollary 1)
+# --------------------------------------------------------------------------------------------
+
+
+def composition_error(
+    F: Tensor,
+    F_a: Tensor,
+    F_b: Tensor,
+    F_ba: Tensor,
+    group: str = "SO",
+) -> dict[str, float]:
+    """Check the homomorphism property ``ρ(b ∘ a) = ρ(b) ρ(a)`` (paper, Section 3.1, Corollary 1).
+
+    ``F = f(x)``, ``F_a = f(a(x))``, ``F_b = f(b(x))`` and ``F_ba = f(b(a(x)))`` ("apply ``a``,
+    then ``b``"), all ``(n, d)`` with rows = samples over the same inputs ``x``. ``R_a``, ``R_b``
+    and ``R_{b∘a}`` each solve Wahba's problem against ``F``. For a true orthogonal group action,
+    ``f(b(a(x))) = R_b R_a f(x)``, i.e. ``F_ba = F R_aᵀ R_bᵀ``.
+
+    The rotations are unique only when ``F`` has rank ``>= d - 1``; use ``n > d`` samples.
+
+    Returns:
+        ``composition_error``: ``||R_{b∘a} - R_b R_a||_F / √d`` (0 for a homomorphism; at most
+        ``2`` since each orthogonal matrix has norm ``√d``);
+        ``wahba_composed``: ``W_f(F, F_ba) / √n``, how well *one* rotation explains ``b ∘ a``;
+        ``wahba_chain``: ``||F R_aᵀ R_bᵀ - F_ba||_F / √n``, how well the *chained* rotations do.
+    """
+    _check_group(group)
+    F64, Fa64 = _pair(F, F_a, ("F", "F_a"))
+    _, Fb64 = _pair(F, F_b, ("F", "F_b"))
+    _, Fba64 = _pair(F, F_ba, ("F", "F_ba"))
+    n, d = F64.shape
+    R_a = _wahba(F64, Fa64, group).rotation
+    R_b = _wahba(F64, Fb64, group).rotation
+    composed = _wahba(F64, Fba64, group)
+    chain = R_b @ R_a
+    comp = float(torch.linalg.vector_norm(composed.rotation - chain).item()) / math.sqrt(d)
+    chain_res = float(torch.linalg.vector_norm(F64 @ chain.T - Fba64).item()) / math.sqrt(n)
+    return {
+        "composition_error": comp,
+        "wahba_composed": composed.error_per_sqrt_n,
+        "wahba_chain": chain_res,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Augmentation-parameter probes
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """Held-out R² of augmentation-parameter probes, one entry per target (same order as names).
+
+    R² is ``1 - SSE/SST`` on the held-out rows; it can be negative (worse than predicting the
+    held-out mean). A target that is constant on the held-out rows has no variance to explain;
+    its R² is reported as ``0.0`` (never NaN).
+    """
+
+    names: list[str]
+    r2_linear: list[float]
+    r2_mlp: list[float]
+
+    def as_dict(self) -> dict[str, dict[str, float]]:
+        """``{name: {"r2_linear": …, "r2_mlp": …}}``."""
+        return {
+            nm: {"r2_linear": lin, "r2_mlp": mlp}
+            for nm, lin, mlp in zip(self.names, self.r2_linear, self.r2_mlp, strict=True)
+        }
+
+
+def _r2(y_true: Tensor, y_pred: Tensor) -> list[float]:
+    """Per-column R² = 1 - SSE/SST; columns with (numerically) zero SST give 0.0."""
+    centred = y_true - y_true.mean(dim=0, keepdim=True)
+    sst = (centred**2).sum(dim=0)
+    sse = ((y_true - y_pred) ** 2).sum(dim=0)
+    scale = (y_true**2).sum(dim=0)
+    out: list[float] = []
+    for s_tot, s_err, s_scale in zip(sst.tolist(), sse.tolist(), scale.tolist(), strict=True):
+        if s_tot <= 1e-24 * max(s_scale, 1.0):
+            out.append(0.0)
+        else:
+            r2 = 1.0 - s_err / s_tot
+            out.append(r2 if math.isfinite(r2) else 0.0)
+    return out
+
+
+def _standardise(train: Tensor, other: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Standardise both with the train mean/std (std 0 → 1). Returns (train, other, mean, std)."""
+    mean = train.mean(dim=0, keepdim=True)
+    std = train.std(dim=0, unbiased=False, keepdim=True)
+    std = torch.where(std > 1e-12, std, torch.ones_like(std))
+    return (train - mean) / std, (other - mean) / std, mean, std
+
+
+def _mlp_predict(
+    x_fit: Tensor,
+    y_fit: Tensor,
+    x_val: Tensor,
+    y_val: Tensor,
+    x_test: Tensor,
+    *,
+    hidden: int,
+    steps: int,
+    lr: float,
+    seed: int,
+) -> Tensor:
+    """Train ``y ≈ W2 relu(W1 x + b1) + b2`` (MSE, full-batch Adam); return test predictions.
+
+    All targets are trained jointly. Early stopping is per target: after every step the
+    validation MSE of each target is checked and that target's test prediction is taken from the
+    step (0 = initialisation) where its validation MSE was lowest, so a target with no signal is
+    not scored on a network that has memorised noise. With no validation rows, the final step is
+    used. Weights use PyTorch's default ``nn.Linear`` init drawn from a private generator seeded
+    with ``seed``, so the global RNG is untouched.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def uniform(shape: tuple[int, ...], fan_in: int) -> Tensor:
+        bound = 1.0 / math.sqrt(fan_in)
+        w = (torch.rand(shape, generator=gen, dtype=torch.float64) * 2 - 1) * bound
+        return w.to(device=x_fit.device, dtype=x_fit.dtype).requires_grad_(True)
+
+    d_in, d_out = x_fit.shape[1], y_fit.shape[1]
+    W1 = uniform((hidden, d_in), d_in)
+    b1 = uniform((hidden,), d_in)
+    W2 = uniform((d_out, hidden), hidden)
+    b2 = uniform((d_out,), hidden)
+
+    def forward(x: Tensor) -> Tensor:
+        return torch.relu(x @ W1.T + b1) @ W2.T + b2
+
+    has_val = x_val.shape[0] > 0
+    with torch.no_grad():
+        best_test = forward(x_test)
+        best_val = ((forward(x_val) - y_val) ** 2).mean(dim=0) if has_val else None
+    opt = torch.optim.Adam([W1, b1, W2, b2], lr=lr)
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        loss = ((forward(x_fit) - y_fit) ** 2).mean()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            test = forward(x_test)
+            if best_val is None:
+                best_test = test
+                continue
+            val = ((forward(x_val) - y_val) ** 2).mean(dim=0)
+            better = val < best_val
+            best_val = torch.where(better, val, best_val)
+            best_test = torch.where(better[None, :], test, best_test)
+    return best_test.detach()
+
+
+def parameter_probe(
+    Z: Tensor,
+    Z_a: Tensor,
+    targets: Tensor,
+    names: list[str],
+    *,
+    train_fraction: float = 0.8,
+    seed: int = 0,
+    mlp_hidden: int = 128,
+    mlp_steps: int = 500,
+    mlp_lr: float = 1e-2,
+    mlp_val_fraction: float = 0.2,
+    ridge: float = 1e-3,
+) -> ProbeResult:
+    """Probe how much of the augmentation's parameters the embedding pair encodes (SIE/AugSelf).
+
+    The input for row ``i`` is ``concat(Z_i, Z_a_i)`` (``2d`` features); ``targets[:, k]`` is the
+    ``k``-th recorded parameter of the augmentation applied to row ``i`` (e.g. crop scale, jitter
+    strength). An equivariant representation should let a probe recover the parameters; an
+    invariant one cannot (``Z_a = Z`` carries no information about ``a``).
+
+    Rows are split into train / held-out by a permutation seeded with ``seed``. Inputs and targets
+    are standardised with the train mean and std (a constant train column keeps std 1).
+
+    - Linear probe: closed-form ridge per target (intercept absorbed by centring),
+      ``W = (XᵀX / n_train + ridge · I)⁻¹ XᵀY / n_train`` on standardised data.
+    - MLP probe: one hidden ReLU layer of ``mlp_hidden`` units, all targets jointly, full-batch Adam
+      (``mlp_lr``) for ``mlp_steps`` steps on MSE, initialised from ``seed`` (the global RNG is not
+      touched). The last ``mlp_val_fraction`` of the (shuffled) train rows is held back for
+      per-target early stopping: each target is predicted by the step with its lowest validation
+      MSE, which keeps an uninformative target near R² = 0 instead of rewarding memorised noise.
+      Runs in float32 on the inputs' device.
+
+    Returns:
+        Held-out R² per target (see :class:`ProbeResult`; never NaN).
+
+    Raises:
+        ValueError: shape mismatch, ``len(names) != k``, a split leaving fewer than 2 train rows
+            or no held-out row, or non-finite inputs.
+    """
+    Z64, Za64 = _pair(Z, Z_a, ("Z", "Z_a"))
+    n = Z64.shape[0]
+    if not isinstance(targets, Tensor) or targets.ndim not in (1, 2):
+        raise ValueError("targets must be a (n,) or (n, k) tensor, one column per parameter")
+    T64 = _as_f64(targets if targets.ndim == 2 else targets[:, None], "targets", Z64.device)
+    if T64.shape[0] != n:
+        raise ValueError(f"targets has {T64.shape[0]} rows but Z has {n}; they must match")
+    k = T64.shape[1]
+    if len(names) != k:
+        raise ValueError(f"names has {len(names)} entries but targets has {k} columns")
+    if not 0.0 < train_fraction < 1.0:
+        raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction}")
+    n_train = round(train_fraction * n)
+    if n_train < 2 or n - n_train < 1:
+        raise ValueError(
+            f"train_fraction={train_fraction} with n={n} leaves {n_train} train and "
+            f"{n - n_train} held-out rows; need >= 2 and >= 1"
+        )
+    if mlp_hidden < 1 or mlp_steps < 0:
+        raise ValueError("mlp_hidden must be >= 1 and mlp_steps >= 0")
+    if not 0.0 <= mlp_val_fraction < 1.0:
+        raise ValueError(f"mlp_val_fraction must be in [0, 1), got {mlp_val_fraction}")
+
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    perm = torch.randperm(n, generator=gen).to(Z64.device)
+    tr, te = perm[:n_train], perm[n_train:]
+    X = torch.cat([Z64, Za64], dim=1)
+    x_tr, x_te, _, _ = _standardise(X[tr], X[te])
+    y_tr, y_te, _, _ = _standardise(T64[tr], T64[te])
+
+    # Linear: closed-form ridge (standardised, centred data → no intercept needed).
+    p = x_tr.shape[1]
+    gram = x_tr.T @ x_tr / n_train + ridge * torch.eye(p, dtype=x_tr.dtype, device=x_tr.device)
+    W = torch.linalg.solve(gram, x_tr.T @ y_tr / n_train)
+    r2_linear = _r2(y_te, x_te @ W)
+
+    # MLP: one hidden ReLU layer, all targets jointly, per-target early stopping on the last
+    # `mlp_val_fraction` of the train rows. Must build a graph even if the caller is inside
+    # no_grad / inference_mode, and must not use inference tensors.
+    n_val = int(mlp_val_fraction * n_train)  # < n_train since mlp_val_fraction < 1
+    n_fit = n_train - n_val
+    with torch.inference_mode(False), torch.enable_grad():
+        xs = x_tr.to(torch.float32).clone()
+        ys = y_tr.to(torch.float32).clone()
+        pred = _mlp_predict(
+            xs[:n_fit],
+            ys[:n_fit],
+            xs[n_fit:],
+            ys[n_fit:],
+            x_te.to(torch.float32).clone(),
+            hidden=mlp_hidden,
+            steps=mlp_steps,
+            lr=mlp_lr,
+            seed=seed,
+        )
+    r2_mlp = _r2(y_te, pred.to(torch.float64))
+    return ProbeResult(names=list(names), r2_linear=r2_linear, r2_mlp=r2_mlp)

@@ -1,0 +1,123 @@
+"""ResNet-18/50 backbones with the CIFAR or ImageNet stem, any width, 1 or 3 input channels.
+
+The CIFAR stem (3×3 stride-1 conv, no max-pool) is the one used for 32 px images in the paper;
+the ImageNet stem (7×7 stride-2 conv + max-pool) for 96 px and up. ``widths`` sets the four stage
+widths: (64, 128, 256, 512) is the standard ResNet, (16, 32, 64, 128) a small CPU model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from care.errors import CareError
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = _shortcut(in_planes, planes * self.expansion, stride)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        out_planes = planes * self.expansion
+        self.conv1 = nn.Conv2d(in_planes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, out_planes, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_planes)
+        self.shortcut = _shortcut(in_planes, out_planes, stride)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = torch.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+def _shortcut(in_planes: int, out_planes: int, stride: int) -> nn.Module:
+    if stride == 1 and in_planes == out_planes:
+        return nn.Identity()
+    return nn.Sequential(
+        nn.Conv2d(in_planes, out_planes, 1, stride, bias=False), nn.BatchNorm2d(out_planes)
+    )
+
+
+ARCHITECTURES: dict[str, tuple[type[BasicBlock] | type[Bottleneck], tuple[int, int, int, int]]] = {
+    "resnet18": (BasicBlock, (2, 2, 2, 2)),
+    "resnet34": (BasicBlock, (3, 4, 6, 3)),
+    "resnet50": (Bottleneck, (3, 4, 6, 3)),
+}
+
+
+class ResNet(nn.Module):
+    """A ResNet trunk that returns pooled features of size ``feature_dim``."""
+
+    def __init__(
+        self,
+        arch: str = "resnet18",
+        *,
+        in_channels: int = 3,
+        stem: str = "cifar",
+        widths: Sequence[int] = (64, 128, 256, 512),
+    ) -> None:
+        super().__init__()
+        if arch not in ARCHITECTURES:
+            raise CareError(f"unknown backbone '{arch}': choose one of {sorted(ARCHITECTURES)}")
+        if len(widths) != 4 or any(int(w) < 1 for w in widths):
+            raise CareError(f"widths must be 4 positive stage widths, got {list(widths)}")
+        block, depths = ARCHITECTURES[arch]
+        w0 = int(widths[0])
+        if stem == "cifar":
+            self.stem = nn.Sequential(
+                nn.Conv2d(in_channels, w0, 3, 1, 1, bias=False), nn.BatchNorm2d(w0), nn.ReLU()
+            )
+        elif stem == "imagenet":
+            self.stem = nn.Sequential(
+                nn.Conv2d(in_channels, w0, 7, 2, 3, bias=False),
+                nn.BatchNorm2d(w0),
+                nn.ReLU(),
+                nn.MaxPool2d(3, 2, 1),
+            )
+        else:
+            raise CareError(f"unknown stem '{stem}': choose 'cifar' or 'imagenet'")
+        layers: list[nn.Module] = []
+        in_planes = w0
+        for i, (width, depth) in enumerate(zip(widths, depths, strict=True)):
+            for j in range(depth):
+                stride = 2 if (i > 0 and j == 0) else 1
+                layers.append(block(in_planes, int(width), stride))
+                in_planes = int(width) * block.expansion
+        self.layers = nn.Sequential(*layers)
+        self.feature_dim = in_planes
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.layers(self.stem(x))
+        return torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)

@@ -1,0 +1,178 @@
+"""Image folders: scanning, class lists, decoding (resize + center crop), and errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from care.data import FolderImages, load_dataset
+from care.errors import CareError
+from tests.data.writers import rng_images, write_png
+
+
+def make_tree(root: Path) -> dict[str, np.ndarray]:
+    """train/{cat,dog,emu} and val/{cat,dog}; returns some pixels written, by relative path."""
+    pixels = {
+        "train/cat/a.png": rng_images(0, (8, 8, 3)),  # already 8x8: no resize
+        "train/cat/b.png": rng_images(1, (12, 8, 3)),  # 8 wide, 12 high: crop rows 2..9
+        "train/dog/x.png": np.full((20, 30, 3), (10, 200, 30), np.uint8),  # solid: any resize
+        "train/emu/deep/y.png": rng_images(2, (8, 8, 3)),  # nested folders are scanned
+        "val/cat/c.png": rng_images(3, (8, 8, 3)),
+        "val/dog/d.png": rng_images(4, (8, 8)),  # grayscale becomes RGB
+    }
+    for rel, px in pixels.items():
+        write_png(root / rel, px)
+    (root / "train/cat/notes.txt").write_text("not an image")
+    (root / "train/cat/.hidden.png").write_bytes(b"")
+    return pixels
+
+
+def test_scan_and_decode(tmp_path: Path) -> None:
+    px = make_tree(tmp_path)
+    ds = load_dataset("imagefolder", tmp_path, "train", load_size=8)
+    assert isinstance(ds, FolderImages)
+    assert ds.classes == ["cat", "dog", "emu"] and ds.num_classes == 3
+    assert len(ds) == 4 and ds.labels.tolist() == [0, 0, 1, 2]
+    assert ds.image_shape == (3, 8, 8) and ds.channels == 3
+    assert ds.mean == (0.485, 0.456, 0.406) and ds.std == (0.229, 0.224, 0.225)
+    image, label = ds[0]
+    assert image.dtype == torch.uint8 and image.shape == (3, 8, 8) and label == 0
+    assert torch.equal(image, torch.from_numpy(px["train/cat/a.png"]).permute(2, 0, 1))
+    image, _ = ds[1]
+    assert torch.equal(image, torch.from_numpy(px["train/cat/b.png"][2:10]).permute(2, 0, 1))
+    image, label = ds[2]
+    assert label == 1 and image.shape == (3, 8, 8)
+    assert image[:, 4, 4].tolist() == [10, 200, 30] and bool((image == image[:, :1, :1]).all())
+    assert ds[-1][1] == 2
+    with pytest.raises(IndexError):
+        ds[4]
+
+
+def test_test_split_uses_train_classes(tmp_path: Path) -> None:
+    px = make_tree(tmp_path)
+    for split in ("pretrain", "train"):
+        assert len(load_dataset("imagefolder", tmp_path, split, load_size=8)) == 4
+    ds = load_dataset("imagefolder", tmp_path, "test", load_size=8)
+    assert isinstance(ds, FolderImages)
+    assert ds.classes == ["cat", "dog", "emu"] and ds.labels.tolist() == [0, 1]
+    gray, _ = ds[1]
+    assert torch.equal(gray, torch.from_numpy(px["val/dog/d.png"]).expand(3, 8, 8))
+
+
+def test_test_folder_when_no_val(tmp_path: Path) -> None:
+    write_png(tmp_path / "train/a/0.png", rng_images(0, (4, 4, 3)))
+    write_png(tmp_path / "test/a/1.png", rng_images(1, (4, 4, 3)))
+    ds = load_dataset("imagefolder", tmp_path, "test", load_size=4)
+    assert len(ds) == 1
+
+
+def test_extensions(tmp_path: Path) -> None:
+    img = rng_images(0, (4, 4, 3))
+    for name, fmt in (("a.JPEG", "JPEG"), ("b.jpg", "JPEG"), ("c.bmp", "BMP"), ("d.webp", "WEBP")):
+        path = tmp_path / "train/k" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(path, format=fmt)
+    ds = load_dataset("imagefolder", tmp_path, "train", load_size=4)
+    assert len(ds) == 4
+    assert all(ds[i][0].shape == (3, 4, 4) for i in range(4))
+
+
+def test_default_load_size_and_subset(tmp_path: Path) -> None:
+    make_tree(tmp_path)
+    ds = load_dataset("imagefolder", tmp_path, "train")
+    assert isinstance(ds, FolderImages)
+    assert ds.image_shape == (3, 256, 256)
+    assert ds[2][0].shape == (3, 256, 256)
+    sub = ds.subset(2)
+    assert isinstance(sub, FolderImages)
+    assert len(sub) == 2 and sub.labels.tolist() == [0, 0] and sub.classes == ds.classes
+    assert torch.equal(sub[1][0], ds[1][0])
+
+
+def test_class_list(tmp_path: Path) -> None:
+    make_tree(tmp_path)
+    write_png(tmp_path / "val/emu/e.png", rng_images(5, (8, 8, 3)))
+    classes = tmp_path / "classes.txt"
+    classes.write_text("# my classes\n\nemu\ncat  # felines\n")
+    ds = load_dataset("imagefolder", tmp_path, "train", load_size=8, class_list=classes)
+    assert isinstance(ds, FolderImages)
+    assert ds.classes == ["emu", "cat"] and ds.num_classes == 2
+    assert ds.labels.tolist() == [0, 1, 1]
+    test = load_dataset("imagefolder", tmp_path, "test", load_size=8, class_list=str(classes))
+    assert isinstance(test, FolderImages)
+    assert test.labels.tolist() == [0, 1]
+    (tmp_path / "val/emu/e.png").unlink()
+    (tmp_path / "val/emu").rmdir()
+    with pytest.raises(CareError, match=r"class 'emu' in .*classes.txt has no folder .*val/emu"):
+        load_dataset("imagefolder", tmp_path, "test", class_list=classes)
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("cat\nlion\n", "class 'lion' in .*classes.txt has no folder"),
+        ("cat\ncat\n", "names 'cat' twice"),
+        ("# nothing\n\n", "names no classes"),
+    ],
+)
+def test_bad_class_list(tmp_path: Path, text: str, match: str) -> None:
+    make_tree(tmp_path)
+    (tmp_path / "classes.txt").write_text(text)
+    with pytest.raises(CareError, match=match):
+        load_dataset("imagefolder", tmp_path, "train", class_list=tmp_path / "classes.txt")
+
+
+def test_missing_class_list_file(tmp_path: Path) -> None:
+    make_tree(tmp_path)
+    with pytest.raises(CareError, match="cannot read class list"):
+        load_dataset("imagefolder", tmp_path, "train", class_list=tmp_path / "nope.txt")
+
+
+def test_val_class_not_in_train(tmp_path: Path) -> None:
+    make_tree(tmp_path)
+    write_png(tmp_path / "val/zebra/z.png", rng_images(0, (4, 4, 3)))
+    with pytest.raises(CareError, match=r"val/zebra is not a class of .*train"):
+        load_dataset("imagefolder", tmp_path, "test")
+
+
+def test_missing_split_folder(tmp_path: Path) -> None:
+    write_png(tmp_path / "train/a/0.png", rng_images(0, (4, 4, 3)))
+    with pytest.raises(CareError, match=r"missing folder .*val or .*test;.*data_root="):
+        load_dataset("imagefolder", tmp_path, "test")
+    with pytest.raises(CareError, match=r"missing folder .*train"):
+        load_dataset("imagefolder", tmp_path / "train", "train")
+
+
+def test_no_class_folders(tmp_path: Path) -> None:
+    (tmp_path / "train").mkdir()
+    write_png(tmp_path / "train/loose.png", rng_images(0, (4, 4, 3)))
+    with pytest.raises(CareError, match="no class folders in"):
+        load_dataset("imagefolder", tmp_path, "train")
+
+
+def test_no_images(tmp_path: Path) -> None:
+    (tmp_path / "train/a").mkdir(parents=True)
+    (tmp_path / "train/a/readme.txt").write_text("hi")
+    with pytest.raises(CareError, match="no images"):
+        load_dataset("imagefolder", tmp_path, "train")
+
+
+def test_corrupt_image(tmp_path: Path) -> None:
+    good = write_png(tmp_path / "train/a/0.png", rng_images(0, (16, 16, 3)))
+    (tmp_path / "train/a/1.png").write_bytes(good.read_bytes()[:60])  # truncated PNG
+    (tmp_path / "train/a/2.jpg").write_bytes(b"garbage")
+    ds = load_dataset("imagefolder", tmp_path, "train", load_size=8)
+    assert ds[0][0].shape == (3, 8, 8)
+    for i, name in ((1, "1.png"), (2, "2.jpg")):
+        with pytest.raises(CareError, match=f"corrupt image .*{name}.*delete or replace") as e:
+            ds[i]
+        assert "\n" not in str(e.value)
+
+
+def test_needs_explicit_root() -> None:
+    with pytest.raises(CareError, match=r"imagefolder' needs an explicit folder.*data_root="):
+        load_dataset("imagefolder", None, "train")

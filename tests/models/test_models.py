@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from care.errors import CareError
+from care.models import ProjectionHead, ResNet, to_sphere
+
+
+@pytest.mark.parametrize(
+    ("arch", "stem", "channels", "size", "widths", "dim"),
+    [
+        ("resnet18", "cifar", 1, 28, (16, 32, 64, 128), 128),
+        ("resnet18", "cifar", 3, 32, (64, 128, 256, 512), 512),
+        ("resnet18", "imagenet", 3, 64, (8, 16, 32, 64), 64),
+        ("resnet50", "cifar", 3, 32, (8, 16, 32, 64), 256),
+    ],
+)
+def test_resnet_feature_shapes(arch: str, stem: str, channels: int, size: int,
+                               widths: tuple[int, ...], dim: int) -> None:
+    model = ResNet(arch, in_channels=channels, stem=stem, widths=widths)
+    out = model(torch.randn(2, channels, size, size))
+    assert model.feature_dim == dim
+    assert out.shape == (2, dim)
+
+
+def test_standard_resnet18_has_the_usual_parameter_count() -> None:
+    # torchvision's resnet18 without the fc layer has 11,176,512 parameters (ImageNet stem)
+    model = ResNet("resnet18", in_channels=3, stem="imagenet")
+    assert sum(p.numel() for p in model.parameters()) == 11_176_512
+
+
+def test_standard_resnet50_has_the_usual_parameter_count() -> None:
+    # torchvision's resnet50 without the fc layer: 23,508,032 parameters
+    model = ResNet("resnet50", in_channels=3, stem="imagenet")
+    assert sum(p.numel() for p in model.parameters()) == 23_508_032
+
+
+def test_cifar_stem_keeps_resolution_and_imagenet_stem_quarters_it() -> None:
+    cifar = ResNet("resnet18", stem="cifar", widths=(4, 4, 4, 4))
+    imagenet = ResNet("resnet18", stem="imagenet", widths=(4, 4, 4, 4))
+    x = torch.randn(1, 3, 32, 32)
+    assert cifar.stem(x).shape[-1] == 32
+    assert imagenet.stem(x).shape[-1] == 8
+
+
+def test_bad_architecture_is_a_clear_error() -> None:
+    with pytest.raises(CareError, match="resnet18"):
+        ResNet("vgg")
+    with pytest.raises(CareError, match="stem"):
+        ResNet("resnet18", stem="odd")
+
+
+def test_projection_head_layers_and_sphere() -> None:
+    head = ProjectionHead(64, 32, 16)
+    kinds = [type(m).__name__ for m in head.net]
+    assert kinds == ["Linear", "BatchNorm1d", "ReLU", "Linear"]
+    assert head.net[0].bias is None
+    z = to_sphere(head(torch.randn(4, 64)))
+    assert z.shape == (4, 16)
+    assert torch.allclose(z.norm(dim=1), torch.ones(4), atol=1e-6)
