@@ -15,8 +15,17 @@ def test_defaults_are_the_cpu_preset() -> None:
 
 
 def test_overrides_are_typed() -> None:
-    cfg = load_config(None, ["lr=1e-3", "epochs=3", "widths=[8,8,16,16]", "resume=true",
-                             "train_samples=512", "data_root=/tmp/x"])
+    cfg = load_config(
+        None,
+        [
+            "lr=1e-3",
+            "epochs=3",
+            "widths=[8,8,16,16]",
+            "resume=true",
+            "train_samples=512",
+            "data_root=/tmp/x",
+        ],
+    )
     assert cfg.lr == pytest.approx(1e-3)
     assert cfg.epochs == 3 and cfg.widths == [8, 8, 16, 16] and cfg.resume is True
     assert cfg.train_samples == 512 and cfg.data_root == "/tmp/x"

@@ -21,6 +21,7 @@ def _quiet_lightning() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*predefined tensorboard.*")
+    warnings.filterwarnings("ignore", message=".*treespec.*")
     os.environ.setdefault("POSSIBLE_USER_WARNINGS", "off")
 
 
@@ -46,10 +47,12 @@ def _probe(args: argparse.Namespace) -> int:
     args.runs = [a for a in args.items if "=" not in a]
     if not args.runs:
         raise CareError("no run directory given: care probe RUN_DIR [RUN_DIR ...] [key=value ...]")
-    overrides = dict(parse_overrides(args.overrides))
+    overrides = {str(k): v for k, v in parse_overrides(args.overrides).items()}
     for key in overrides:
         if key not in PROBE_KEYS:
-            raise CareError(f"'{key}' cannot be changed by `care probe`: use one of {list(PROBE_KEYS)}")
+            raise CareError(
+                f"'{key}' cannot be changed by `care probe`: use one of {list(PROBE_KEYS)}"
+            )
     results = [probe_run(run_dir, overrides) for run_dir in args.runs]
     print_results(results)
     for r in results:
@@ -63,14 +66,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     pretrain = commands.add_parser("pretrain", help="pretrain simclr, care or equi_unif")
     pretrain.add_argument("--config", help="YAML preset, e.g. configs/fashion-mnist.yaml")
-    pretrain.add_argument("--print-config", action="store_true",
-                          help="print the resolved config and exit")
+    pretrain.add_argument(
+        "--print-config", action="store_true", help="print the resolved config and exit"
+    )
     pretrain.add_argument("overrides", nargs="*", metavar="key=value")
     pretrain.set_defaults(run=_pretrain)
 
     probe = commands.add_parser("probe", help="linear probe and kNN of pretrained runs")
-    probe.add_argument("items", nargs="+", metavar="RUN_DIR | key=value",
-                       help="run directories, then settings such as probe_epochs=100")
+    probe.add_argument(
+        "items",
+        nargs="+",
+        metavar="RUN_DIR | key=value",
+        help="run directories, then settings such as probe_epochs=100",
+    )
     probe.set_defaults(run=_probe)
     return parser
 

@@ -39,7 +39,9 @@ class Config:
 
     # data
     dataset: str = "fashion-mnist"
-    data_root: str | None = None  # None: $CARE_DATA/<dataset>, ./data/<dataset>, /usr/share/datasets
+    data_root: str | None = (
+        None  # None: $CARE_DATA/<dataset>, ./data/<dataset>, /usr/share/datasets
+    )
     class_list: str | None = None  # imagefolder: file with one class folder per line
     train_samples: int | None = None  # use only the first N pretraining images
     image_size: int | None = None  # crop output size; None: the dataset's native size
@@ -129,7 +131,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             loaded = OmegaConf.load(path)
         except Exception as exc:  # YAML syntax errors come in several types
-            raise CareError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+            raise CareError(
+                f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}"
+            ) from None
         if not isinstance(loaded, DictConfig):
             raise CareError(f"config file {path} must hold a mapping of key: value")
         unknown = sorted(set(map(str, loaded.keys())) - set(KEYS))
@@ -155,8 +159,10 @@ def config_from_dict(values: dict[str, Any]) -> Config:
     """Rebuild a config saved in a run directory (unknown keys are an error)."""
     unknown = sorted(set(values) - set(KEYS))
     if unknown:
-        raise CareError(f"saved config has unknown key '{unknown[0]}': it was written by another "
-                        "version of care")
+        raise CareError(
+            f"saved config has unknown key '{unknown[0]}': it was written by another "
+            "version of care"
+        )
     cfg = Config(**values)
     validate(cfg)
     return cfg
@@ -171,32 +177,58 @@ def validate(cfg: Config) -> None:
     """Check choices and ranges; every failure is one line naming the key and the fix."""
     for key, choices in CHOICES.items():
         value = getattr(cfg, key)
-        _require(value in choices, f"bad value for '{key}': {value!r}; choose one of {list(choices)}")
-    positive = ("epochs", "batch_size", "group_size", "head_hidden", "head_out", "devices",
-                "knn_k", "probe_epochs", "probe_seeds", "probe_batch_size", "log_every")
+        _require(
+            value in choices, f"bad value for '{key}': {value!r}; choose one of {list(choices)}"
+        )
+    positive = (
+        "epochs",
+        "batch_size",
+        "group_size",
+        "head_hidden",
+        "head_out",
+        "devices",
+        "knn_k",
+        "probe_epochs",
+        "probe_seeds",
+        "probe_batch_size",
+        "log_every",
+    )
     for key in positive:
         value = getattr(cfg, key)
         _require(value >= 1, f"bad value for '{key}': {value}; it must be at least 1")
     for key in ("lr", "temperature", "knn_temperature", "probe_lr"):
         value = getattr(cfg, key)
         _require(value > 0, f"bad value for '{key}': {value}; it must be positive")
-    for key in ("weight", "weight_decay", "momentum", "warmup_epochs", "probe_weight_decay",
-                "knn_every", "num_workers"):
+    for key in (
+        "weight",
+        "weight_decay",
+        "momentum",
+        "warmup_epochs",
+        "probe_weight_decay",
+        "knn_every",
+        "num_workers",
+    ):
         value = getattr(cfg, key)
         _require(value >= 0, f"bad value for '{key}': {value}; it must not be negative")
     _require(
-        0 < cfg.crop_min_scale <= 1, f"bad value for 'crop_min_scale': {cfg.crop_min_scale}; "
-        "it must lie in (0, 1]"
+        0 < cfg.crop_min_scale <= 1,
+        f"bad value for 'crop_min_scale': {cfg.crop_min_scale}; it must lie in (0, 1]",
     )
-    _require(len(cfg.widths) == 4 and all(w >= 1 for w in cfg.widths),
-             f"bad value for 'widths': {cfg.widths}; give 4 stage widths, e.g. [16,32,64,128]")
+    _require(
+        len(cfg.widths) == 4 and all(w >= 1 for w in cfg.widths),
+        f"bad value for 'widths': {cfg.widths}; give 4 stage widths, e.g. [16,32,64,128]",
+    )
     for key in ("train_samples", "image_size", "load_size", "knn_bank_samples"):
         value = getattr(cfg, key)
-        _require(value is None or value >= 1,
-                 f"bad value for '{key}': {value}; it must be at least 1 (or null for the default)")
+        _require(
+            value is None or value >= 1,
+            f"bad value for '{key}': {value}; it must be at least 1 (or null for the default)",
+        )
     if cfg.grouped:
-        _require(cfg.group_size >= 2,
-                 f"bad value for 'group_size': {cfg.group_size}; L_equi needs groups of at least 2")
+        _require(
+            cfg.group_size >= 2,
+            f"bad value for 'group_size': {cfg.group_size}; L_equi needs groups of at least 2",
+        )
         _require(
             cfg.batch_size % cfg.group_size == 0,
             f"batch_size={cfg.batch_size} does not split into groups of group_size={cfg.group_size}:"

@@ -35,8 +35,9 @@ def _full_precision(x: Tensor) -> Tensor:
 
 def _check_pair(z1: Tensor, z2: Tensor) -> None:
     if z1.ndim != 2 or z1.shape != z2.shape:
-        raise ValueError(f"expected two (N, d) tensors of one shape, got {tuple(z1.shape)} and "
-                         f"{tuple(z2.shape)}")
+        raise ValueError(
+            f"expected two (N, d) tensors of one shape, got {tuple(z1.shape)} and {tuple(z2.shape)}"
+        )
 
 
 def info_nce_terms(
@@ -72,7 +73,9 @@ def info_nce_terms(
     self_cols = torch.cat([local, local + m])
     positive_cols = torch.cat([local + m, local])
     positives = logits[rows, positive_cols]
-    logits = logits.index_put((rows, self_cols), torch.tensor(float("-inf"), device=z1.device, dtype=logits.dtype))
+    logits = logits.index_put(
+        (rows, self_cols), torch.tensor(float("-inf"), device=z1.device, dtype=logits.dtype)
+    )
     inv = -positives.mean()
     unif = torch.logsumexp(logits, dim=1).mean()
     return InfoNCETerms(inv=inv, unif=unif)

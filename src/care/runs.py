@@ -26,6 +26,12 @@ from care.config import Config, config_from_dict, to_yaml
 from care.errors import CareError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically: temp file in the same folder, fsync, rename."""
     path = Path(path)
@@ -36,6 +42,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; use the usual mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -70,8 +77,10 @@ def safe_torch_load(path: str | Path, map_location: Any = "cpu") -> Any:
             "only load checkpoints you trust, written by care"
         ) from None
     except (RuntimeError, EOFError, OSError) as exc:
-        raise CareError(f"checkpoint {path} is corrupt or truncated ({type(exc).__name__}); "
-                        "delete it and resume from another checkpoint") from None
+        raise CareError(
+            f"checkpoint {path} is corrupt or truncated ({type(exc).__name__}); "
+            "delete it and resume from another checkpoint"
+        ) from None
 
 
 def save_weights(module: torch.nn.Module, path: str | Path) -> None:
@@ -88,12 +97,16 @@ def load_weights(module: torch.nn.Module, path: str | Path) -> None:
     try:
         tensors: dict[str, Tensor] = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CareError(f"weights file {path} is corrupt ({str(exc)[:80]}); rerun the training") from None
+        raise CareError(
+            f"weights file {path} is corrupt ({str(exc)[:80]}); rerun the training"
+        ) from None
     try:
         module.load_state_dict(tensors)
     except RuntimeError as exc:
-        raise CareError(f"weights file {path} does not match the model in config.yaml "
-                        f"({str(exc).splitlines()[0][:120]})") from None
+        raise CareError(
+            f"weights file {path} does not match the model in config.yaml "
+            f"({str(exc).splitlines()[0][:120]})"
+        ) from None
 
 
 class RunDir:
@@ -119,8 +132,10 @@ class RunDir:
         from omegaconf import OmegaConf
 
         if not self.config.is_file():
-            raise CareError(f"{self.root} is not a run directory (no config.yaml): pass the `out` "
-                            "folder of a `care pretrain` run")
+            raise CareError(
+                f"{self.root} is not a run directory (no config.yaml): pass the `out` "
+                "folder of a `care pretrain` run"
+            )
         values = OmegaConf.to_container(OmegaConf.load(self.config))
         if not isinstance(values, dict):
             raise CareError(f"{self.config} is not a mapping: the run directory is damaged")
@@ -131,7 +146,9 @@ class RunDir:
         try:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
-            raise CareError(f"cannot read {path} ({type(exc).__name__}); rerun what writes it") from None
+            raise CareError(
+                f"cannot read {path} ({type(exc).__name__}); rerun what writes it"
+            ) from None
         if not isinstance(data, dict):
             raise CareError(f"{path} does not hold a JSON object")
         return data

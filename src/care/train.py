@@ -21,8 +21,14 @@ from care.data import LabeledImages, load_dataset
 from care.errors import CareError
 from care.evaluate.knn import weighted_knn_accuracy
 from care.methods import ContrastiveMethod, DataInfo, build_method
-from care.runs import RunDir, atomic_torch_save, atomic_write_json, atomic_write_text, \
-    safe_torch_load, save_weights
+from care.runs import (
+    RunDir,
+    atomic_torch_save,
+    atomic_write_json,
+    atomic_write_text,
+    safe_torch_load,
+    save_weights,
+)
 
 NATIVE_SIZE = {"fashion-mnist": 28, "mnist": 28, "cifar10": 32, "cifar100": 32, "stl10": 96}
 
@@ -99,8 +105,13 @@ class KNNMonitor(Callback):
             for i in (0, 1)
         )
         accuracy = weighted_knn_accuracy(
-            bank["features"], bank["labels"], test["features"], test["labels"],
-            self.num_classes, self.k, self.temperature,
+            bank["features"],
+            bank["labels"],
+            test["features"],
+            test["labels"],
+            self.num_classes,
+            self.k,
+            self.temperature,
         )
         pl_module.log("val/knn_acc", accuracy, prog_bar=True)
         self.outputs = {0: [], 1: []}
@@ -120,8 +131,11 @@ class MetricsCSV(Callback):
         self.rows = []
         if self.path.is_file():
             with self.path.open(newline="") as handle:
-                self.rows = [r for r in csv.DictReader(handle)
-                             if int(r.get("step") or 0) <= trainer.global_step]
+                self.rows = [
+                    r
+                    for r in csv.DictReader(handle)
+                    if int(r.get("step") or 0) <= trainer.global_step
+                ]
 
     def _record(self, trainer: L.Trainer, prefix: str) -> None:
         row: dict[str, Any] = {"epoch": trainer.current_epoch, "step": trainer.global_step}
@@ -130,7 +144,9 @@ class MetricsCSV(Callback):
                 row[key] = float(value)
         self.rows.append(row)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any
+    ) -> None:
         if trainer.global_step % self.every == 0:
             self._record(trainer, "train/")
 
@@ -166,11 +182,15 @@ class Throughput(Callback):
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any
+    ) -> None:
         self._sync(pl_module)
         self._start = time.perf_counter()
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any
+    ) -> None:
         self._sync(pl_module)
         self._seen += 1
         if self._seen > self.warmup:
@@ -189,8 +209,12 @@ def data_info(cfg: Config, dataset: LabeledImages) -> DataInfo:
     size = cfg.image_size or NATIVE_SIZE.get(cfg.dataset, 224)
     crop = min(1.0, size / stored) if cfg.dataset == "imagefolder" else 1.0
     return DataInfo(
-        channels=dataset.channels, image_size=size, mean=tuple(dataset.mean),
-        std=tuple(dataset.std), num_classes=dataset.num_classes, eval_crop_fraction=crop,
+        channels=dataset.channels,
+        image_size=size,
+        mean=tuple(dataset.mean),
+        std=tuple(dataset.std),
+        num_classes=dataset.num_classes,
+        eval_crop_fraction=crop,
     )
 
 
@@ -200,11 +224,16 @@ def load_split(cfg: Config, split: str) -> LabeledImages:
     )
 
 
-def _loader(dataset: LabeledImages, cfg: Config, sampler: Sampler[int] | None,
-            drop_last: bool) -> DataLoader:
+def _loader(
+    dataset: LabeledImages, cfg: Config, sampler: Sampler[int] | None, drop_last: bool
+) -> DataLoader:
     return DataLoader(
-        dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=drop_last,
-        num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
+        dataset,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        drop_last=drop_last,
+        num_workers=cfg.num_workers,
+        persistent_workers=cfg.num_workers > 0,
         pin_memory=torch.cuda.is_available(),
     )
 
@@ -248,8 +277,10 @@ def pretrain(cfg: Config) -> RunDir:
         bank = load_split(cfg, "train")
         if cfg.knn_bank_samples is not None and cfg.knn_bank_samples < len(bank):
             bank = bank.subset(cfg.knn_bank_samples)
-        val_loaders = [_loader(bank, cfg, None, False), _loader(load_split(cfg, "test"), cfg, None,
-                                                                False)]
+        val_loaders = [
+            _loader(bank, cfg, None, False),
+            _loader(load_split(cfg, "test"), cfg, None, False),
+        ]
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     method: ContrastiveMethod = build_method(cfg, info)
     run.root.mkdir(parents=True, exist_ok=True)
@@ -258,8 +289,14 @@ def pretrain(cfg: Config) -> RunDir:
     throughput = Throughput(cfg.batch_size * world)
     callbacks: list[Callback] = [
         # No monitor + save_top_k=1: keep only the latest epoch, always under the name last.ckpt.
-        ModelCheckpoint(dirpath=run.checkpoints, filename="last", save_top_k=1, every_n_epochs=1,
-                        save_on_train_epoch_end=True, enable_version_counter=False),
+        ModelCheckpoint(
+            dirpath=run.checkpoints,
+            filename="last",
+            save_top_k=1,
+            every_n_epochs=1,
+            save_on_train_epoch_end=True,
+            enable_version_counter=False,
+        ),
         MetricsCSV(run.metrics, cfg.log_every),
         throughput,
         TQDMProgressBar(refresh_rate=max(1, cfg.log_every // 2)),
@@ -267,8 +304,14 @@ def pretrain(cfg: Config) -> RunDir:
     if val_loaders:
         callbacks += [
             KNNMonitor(info.num_classes, cfg.knn_k, cfg.knn_temperature),
-            ModelCheckpoint(dirpath=run.checkpoints, filename="best", monitor="val/knn_acc",
-                            mode="max", save_top_k=1, enable_version_counter=False),
+            ModelCheckpoint(
+                dirpath=run.checkpoints,
+                filename="best",
+                monitor="val/knn_acc",
+                mode="max",
+                save_top_k=1,
+                enable_version_counter=False,
+            ),
         ]
     trainer = L.Trainer(
         max_epochs=cfg.epochs,
@@ -289,24 +332,30 @@ def pretrain(cfg: Config) -> RunDir:
     sampler = EpochSampler(len(pretrain_set), cfg.seed, trainer.global_rank, trainer.world_size)
     train_loader = _loader(pretrain_set, cfg, sampler, drop_last=True)
     started = time.perf_counter()
-    trainer.fit(method, train_loader, val_loaders or None,
-                ckpt_path=str(resume_from) if resume_from else None)
+    trainer.fit(
+        method,
+        train_loader,
+        val_loaders or None,
+        ckpt_path=str(resume_from) if resume_from else None,
+    )
     if trainer.global_rank == 0:
         save_weights(method.backbone, run.backbone)
         save_weights(method.head, run.head)
         knn = trainer.callback_metrics.get("val/knn_acc")
-        atomic_write_json(run.summary, {
-            "method": cfg.method,
-            "views": cfg.views if cfg.grouped else None,
-            "dataset": cfg.dataset,
-            "train_images": len(pretrain_set),
-            "epochs": trainer.current_epoch,
-            "steps": trainer.global_step,
-            "global_batch": cfg.batch_size * trainer.world_size,
-            "precision": cfg.precision,
-            "final_knn_acc": None if knn is None else float(knn),
-            "wall_time_s": time.perf_counter() - started,
-            **throughput.summary(),
-        })
+        atomic_write_json(
+            run.summary,
+            {
+                "method": cfg.method,
+                "views": cfg.views if cfg.grouped else None,
+                "dataset": cfg.dataset,
+                "train_images": len(pretrain_set),
+                "epochs": trainer.current_epoch,
+                "steps": trainer.global_step,
+                "global_batch": cfg.batch_size * trainer.world_size,
+                "precision": cfg.precision,
+                "final_knn_acc": None if knn is None else float(knn),
+                "wall_time_s": time.perf_counter() - started,
+                **throughput.summary(),
+            },
+        )
     return run
-

@@ -16,8 +16,9 @@ from care.models import ProjectionHead, ResNet, to_sphere
         ("resnet50", "cifar", 3, 32, (8, 16, 32, 64), 256),
     ],
 )
-def test_resnet_feature_shapes(arch: str, stem: str, channels: int, size: int,
-                               widths: tuple[int, ...], dim: int) -> None:
+def test_resnet_feature_shapes(
+    arch: str, stem: str, channels: int, size: int, widths: tuple[int, ...], dim: int
+) -> None:
     model = ResNet(arch, in_channels=channels, stem=stem, widths=widths)
     out = model(torch.randn(2, channels, size, size))
     assert model.feature_dim == dim

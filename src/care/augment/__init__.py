@@ -8,6 +8,7 @@ the vectorised kernels and :class:`Augmenter` chains them in SimCLR's order on a
 from __future__ import annotations
 
 from care.augment import ops
+from care.augment.memory import tune_malloc
 from care.augment.params import AugmentRecipe, AugParams, check_groups, sample_params
 from care.augment.pipeline import PAIRS_MODES, Augmenter, default_blur_kernel
 
@@ -20,4 +21,5 @@ __all__ = [
     "default_blur_kernel",
     "ops",
     "sample_params",
+    "tune_malloc",
 ]

@@ -37,11 +37,6 @@ def _col(v: Tensor) -> Tensor:
     return v.view(-1, 1, 1, 1)
 
 
-def _rows(mask: Tensor) -> Tensor:
-    """Indices of the true entries of a ``(B,)`` bool mask."""
-    return mask.nonzero().squeeze(1)
-
-
 def grayscale(x: Tensor) -> Tensor:
     """Luma ``(B, 1, H, W)`` of RGB images; a 1-channel image is its own luma."""
     if x.shape[1] == 1:
@@ -102,7 +97,10 @@ def adjust_contrast(x: Tensor, factor: Tensor) -> Tensor:
 
 
 def adjust_saturation(x: Tensor, factor: Tensor) -> Tensor:
-    """Blend each image with its luma: ``clamp(f x + (1 - f) gray, 0, 1)``; 1 channel: no-op."""
+    """Blend each image with its luma: ``clamp(f x + (1 - f) gray, 0, 1)``.
+
+    A 1-channel image is its own luma, so it is returned as is.
+    """
     if x.shape[1] == 1:
         return x
     f = _col(factor)
@@ -110,69 +108,73 @@ def adjust_saturation(x: Tensor, factor: Tensor) -> Tensor:
 
 
 def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
-    """Rotate hue by ``shift`` turns (in ``[-0.5, 0.5]``) in HSV space; 1 channel: no-op.
+    """Rotate hue by ``shift`` turns (in ``[-0.5, 0.5]``) in HSV space (1 channel: returned as is).
 
-    RGB -> HSV as torchvision's ``_rgb2hsv``; HSV -> RGB by the closed form
-    ``c_n = V - V S clamp(min(k, 4 - k), 0, 1)`` with ``k = (n + 6 H) mod 6`` for
-    ``n = 5, 3, 1`` (R, G, B), which equals the sector table of ``_hsv2rgb`` with fewer passes.
+    RGB -> HSV as torchvision's ``_rgb2hsv`` (the max channel picks the sector, red wins ties,
+    then green). HSV -> RGB by the closed form ``c = min + chroma * T_c(6 H)`` with the
+    trapezoids ``T_r = clamp(|6H - 3| - 1)``, ``T_g = clamp(2 - |6H - 2|)``,
+    ``T_b = clamp(2 - |6H - 4|)``, which equals ``_hsv2rgb``'s sector table in fewer passes.
+    Masks are arithmetic and the modulo uses ``floor``: ``where``/``remainder`` (and broadcast
+    ``addcmul``) are several times slower on the CPU.
     """
     if x.shape[1] == 1:
         return x
     if x.shape[1] != 3:
         raise CareError(f"adjust_hue needs 1 or 3 channels, got {x.shape[1]}")
-    # Written with arithmetic masks and floor instead of where/remainder, which are several
-    # times slower on the CPU.
     r, g, b = x[:, 0], x[:, 1], x[:, 2]
     maxc = x.amax(dim=1)
-    chroma = maxc - x.amin(dim=1)  # = V * S
-    # Hue in sixths of a turn, in [-1, 5): the max channel picks the sector (red wins ties,
-    # then green, as in torchvision). Where chroma is 0 all channels are equal, the numerator
-    # is 0 and so is the hue.
+    minc = x.amin(dim=1)
+    chroma = maxc - minc  # = V * S
     is_r = torch.eq(maxc, r).to(x.dtype)
     is_g = torch.eq(maxc, g).to(x.dtype).mul_(1 - is_r)
     is_b = (1 - is_r).sub_(is_g)
-    num = (g - b).mul_(is_r)
-    num.addcmul_((b - r).add_(chroma, alpha=2), is_g)
-    num.addcmul_((r - g).add_(chroma, alpha=4), is_b)
-    h6 = num.div_(chroma.clamp_min(1e-30)).add_(shift.view(-1, 1, 1), alpha=6.0)
-    n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    k = h6.unsqueeze(1) + n
-    k.addcmul_(torch.floor(k * (1 / 6)), torch.full_like(n, -6.0))  # k mod 6
-    t = torch.minimum(k, 4.0 - k).clamp_(0, 1)
-    return torch.addcmul(maxc.unsqueeze(1), chroma.unsqueeze(1), t, value=-1.0)
+    # Hue in sixths of a turn, in [-1, 5). Where chroma is 0 all channels are equal, the
+    # numerator is 0 and so is the hue (and the output is the input).
+    h6 = (g - b).mul_(is_r)
+    h6.addcmul_((b - r).add_(chroma, alpha=2), is_g)
+    h6.addcmul_((r - g).add_(chroma, alpha=4), is_b)
+    h6 = h6.div_(chroma.clamp_min(1e-30)).add_(shift.view(-1, 1, 1), alpha=6.0)
+    h6 = h6.sub_(torch.floor(h6 * (1 / 6)).mul_(6.0))  # mod 6, in [0, 6)
+    # Trapezoids clamp(slope_c |6H - offset_c| + bias_c, 0, 1) for the three channels at once.
+    consts = torch.tensor(
+        [[3.0, 2.0, 4.0], [1.0, -1.0, -1.0], [-1.0, 2.0, 2.0]], device=x.device, dtype=x.dtype
+    )
+    offset, slope, bias = consts.view(3, 1, 3, 1, 1).unbind(0)
+    t = (h6.unsqueeze(1) - offset).abs_().mul_(slope).add_(bias).clamp_(0, 1)
+    return t.mul_(chroma.unsqueeze(1)).add_(minc.unsqueeze(1))
 
 
 def to_grayscale(x: Tensor, mask: Tensor) -> Tensor:
-    """Replace the rows where ``mask`` is true by their luma, replicated to all channels."""
+    """Replace the rows where ``mask`` is true by their luma, replicated to all channels.
+
+    A 1-channel batch is returned as is.
+    """
     if x.shape[1] == 1:
         return x
     return torch.where(_col(mask), grayscale(x).expand_as(x), x)
 
 
-def _blend_slot(x: Tensor, a: Tensor, sat: Tensor, con: Tensor) -> Tensor:
-    """``clamp(a x + sat * gray(x) + con * mean(gray(x)), 0, 1)`` per image, in one pass.
+def _blend(x: Tensor, a: Tensor, sat: Tensor, con: Tensor, use_mean: bool) -> Tensor:
+    """``clamp(a x + sat gray(x) + con mean(gray(x)), 0, 1)`` per image, as a new tensor.
 
     Brightness is ``(f, 0, 0)``, saturation ``(f, 1 - f, 0)``, contrast ``(f, 0, 1 - f)`` and the
-    identity ``(1, 0, 0)`` (returned bit-exact). For RGB the per-image 3x3 colour matrix
-    ``a I + sat 1 w^T`` is applied with one ``baddbmm``.
+    identity ``(1, 0, 0)`` (bit-exact). For RGB the per-image colour matrix ``a I + sat 1 w^T``
+    is one ``bmm``; ``use_mean`` is false when no image needs the ``con`` term.
     """
     bsz, ch, h, w = x.shape
-    use_mean = bool((con != 0).any())
     if ch == 1:
+        y = x * _col(a)
         if use_mean:
-            bias = (con * x.mean(dim=(1, 2, 3)))[:, None, None, None]
-            return torch.addcmul(bias, x, _col(a)).clamp_(0, 1)
-        return (x * _col(a)).clamp_(0, 1)
+            y.add_(_col(con * x.mean(dim=(1, 2, 3))))
+        return y.clamp_(0, 1)
     weights = torch.tensor(GRAY_WEIGHTS, device=x.device, dtype=x.dtype)
     eye = torch.eye(3, device=x.device, dtype=x.dtype)
     matrix = a[:, None, None] * eye + sat[:, None, None] * weights.expand(3, 3)
     flat = x.reshape(bsz, 3, h * w)
+    y = torch.bmm(matrix, flat)
     if use_mean:
-        gray_mean = flat.mean(dim=2) @ weights  # mean of the luma, per image
-        bias = (con * gray_mean)[:, None, None].expand(bsz, 3, h * w)
-        y = torch.baddbmm(bias, matrix, flat)
-    else:
-        y = torch.bmm(matrix, flat)
+        gray_mean = flat.mean(dim=2) @ weights  # the mean of the luma, per image
+        y.add_((con * gray_mean)[:, None, None])
     return y.clamp_(0, 1).view(bsz, 3, h, w)
 
 
@@ -191,30 +193,32 @@ def color_jitter(
     brightness, contrast and saturation are one fused blend over the batch (each image gets the
     one its order puts there, the others the identity), and hue runs only on the rows that have
     it in that slot, so the whole jitter costs about four batch passes plus one hue pass.
-    Saturation and hue are no-ops on 1-channel images.
+    Saturation and hue are no-ops on 1-channel images. Returns a new tensor.
     """
     rgb = x.shape[1] == 3
     one = torch.ones_like(brightness)
-    zero = torch.zeros_like(brightness)
+    sat_f = saturation if rgb else one
+    # Blend coefficients for every (image, slot) at once.
+    a = torch.stack([brightness, contrast, sat_f, one], dim=1).gather(1, order)
+    con = torch.where(order == 1, 1 - a, torch.zeros_like(a))
+    sat = torch.where(order == 2, 1 - a, torch.zeros_like(a))
+    hue_at = (
+        (order == 3) & (hue != 0)[:, None] if rgb else torch.zeros_like(order, dtype=torch.bool)
+    )
+    # One host sync for all the per-slot decisions.
+    flags = torch.stack([((a != 1) | (con != 0)).any(0), (con != 0).any(0), hue_at.any(0)])
+    blend_on, mean_on, hue_on = flags.tolist()
     owned = False
     for slot in range(4):
-        op = order[:, slot]
-        is_sat = (op == 2) & rgb
-        a = torch.where(op == 0, brightness, torch.where(op == 1, contrast, one))
-        a = torch.where(is_sat, saturation, a)
-        sat = torch.where(is_sat, 1 - saturation, zero)
-        con = torch.where(op == 1, 1 - contrast, zero)
-        if bool(((a != 1) | (con != 0)).any()):
-            x = _blend_slot(x, a, sat, con)
+        if blend_on[slot]:
+            x = _blend(x, a[:, slot], sat[:, slot], con[:, slot], mean_on[slot])
             owned = True
-        if rgb:
-            rows = _rows((op == 3) & (hue != 0))
-            if rows.numel() > 0:
-                if not owned:
-                    x, owned = x.clone(), True
-                shifted = adjust_hue(x.index_select(0, rows), hue.index_select(0, rows))
-                x.index_copy_(0, rows, shifted)
-    return x
+        if hue_on[slot]:
+            if not owned:
+                x, owned = x.clone(), True
+            rows = hue_at[:, slot].nonzero().squeeze(1)
+            x.index_copy_(0, rows, adjust_hue(x.index_select(0, rows), hue.index_select(0, rows)))
+    return x if owned else x.clone()
 
 
 def gaussian_kernels(sigma: Tensor, kernel_size: int) -> Tensor:
@@ -232,8 +236,10 @@ def gaussian_kernels(sigma: Tensor, kernel_size: int) -> Tensor:
 def gaussian_blur(x: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
     """Separable Gaussian blur with a per-image ``sigma`` (0 = identity) and reflect padding.
 
-    One grouped ``conv2d`` per axis, with the batch folded into the channel dimension so each
-    image gets its own kernel. ``kernel_size`` must be odd and smaller than twice the image side.
+    Small kernels (up to 5 taps, SimCLR's size for 28-50 px images) are summed from shifted
+    slices, using the kernel's symmetry; larger ones use one grouped ``conv2d`` per axis with
+    the batch folded into the channels, so each image gets its own kernel. ``kernel_size``
+    must be odd and smaller than twice the image side.
     """
     bsz, ch, h, w = x.shape
     if kernel_size < 1 or kernel_size % 2 == 0:
@@ -245,10 +251,23 @@ def gaussian_blur(x: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
             f"use at most {2 * min(h, w) - 1}"
         )
     if bsz == 0 or pad == 0:
-        return x
+        return x.clone()
     k = gaussian_kernels(sigma.to(device=x.device, dtype=x.dtype), kernel_size)
+    y = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    if kernel_size <= 5:
+        taps = k[:, pad:, None, None, None]  # centre, then +-1, +-2 (symmetric)
+        # (mul_ + add_ rather than a broadcast addcmul_, which is slower on the CPU)
+        rows = y[:, :, pad : pad + h, :] * taps[:, 0]
+        for j in range(1, pad + 1):
+            pair = y[:, :, pad - j : pad - j + h, :] + y[:, :, pad + j : pad + j + h, :]
+            rows.add_(pair.mul_(taps[:, j]))
+        out = rows[:, :, :, pad : pad + w] * taps[:, 0]
+        for j in range(1, pad + 1):
+            pair = rows[:, :, :, pad - j : pad - j + w] + rows[:, :, :, pad + j : pad + j + w]
+            out.add_(pair.mul_(taps[:, j]))
+        return out
     k = k.repeat_interleave(ch, dim=0)  # (B*C, K)
-    y = F.pad(x.reshape(1, bsz * ch, h, w), (pad, pad, pad, pad), mode="reflect")
+    y = y.reshape(1, bsz * ch, h + 2 * pad, w + 2 * pad)
     y = F.conv2d(y, k.view(bsz * ch, 1, kernel_size, 1), groups=bsz * ch)
     y = F.conv2d(y, k.view(bsz * ch, 1, 1, kernel_size), groups=bsz * ch)
     return y.view(bsz, ch, h, w)

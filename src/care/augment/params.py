@@ -6,12 +6,13 @@ because a whole group of ``m`` consecutive images must share one augmentation ``
 (paper, Algorithm 1; design notes, "Group-shared augmentation"), and evaluation wants to know
 which augmentation produced which embedding.
 
-All draws happen on the CPU from an explicit :class:`torch.Generator`, in a fixed order with
-fixed shapes, so one seed always gives the same records.
+All draws happen on the CPU from an explicit :class:`torch.Generator`, as one uniform matrix of
+fixed shape per call, so one seed always gives the same records.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
@@ -223,29 +224,53 @@ class AugParams:
         return torch.stack(cols, dim=1)
 
 
-def _uniform(n: int, lo: float, hi: float, generator: torch.Generator) -> Tensor:
-    return torch.rand(n, generator=generator, dtype=torch.float64) * (hi - lo) + lo
+# Columns of the one uniform draw per record (see sample_params).
+_AREA = slice(0, CROP_ATTEMPTS)
+_LOG_RATIO = slice(CROP_ATTEMPTS, 2 * CROP_ATTEMPTS)
+_POS = slice(2 * CROP_ATTEMPTS, 2 * CROP_ATTEMPTS + 2)
+_FLIP, _JITTER, _BRIGHT, _CONTRAST, _SAT, _HUE = range(2 * CROP_ATTEMPTS + 2, 2 * CROP_ATTEMPTS + 8)
+_ORDER = slice(2 * CROP_ATTEMPTS + 8, 2 * CROP_ATTEMPTS + 12)
+_GRAY, _BLUR, _SIGMA = range(2 * CROP_ATTEMPTS + 12, 2 * CROP_ATTEMPTS + 15)
+_COLUMNS = 2 * CROP_ATTEMPTS + 15
 
 
-def _sample_crop(n: int, recipe: AugmentRecipe, generator: torch.Generator) -> Tensor:
+@functools.lru_cache(maxsize=32)
+def _column_ranges(recipe: AugmentRecipe) -> tuple[Tensor, Tensor]:
+    """Per-column ``(low, high)`` that map the U(0, 1) draw onto each parameter's range."""
+    low = [0.0] * _COLUMNS
+    high = [1.0] * _COLUMNS
+    for col in range(_AREA.start, _AREA.stop):
+        low[col], high[col] = recipe.crop_scale
+    for col in range(_LOG_RATIO.start, _LOG_RATIO.stop):
+        low[col], high[col] = (math.log(r) for r in recipe.crop_ratio)
+    for col, strength in (
+        (_BRIGHT, recipe.brightness),
+        (_CONTRAST, recipe.contrast),
+        (_SAT, recipe.saturation),
+    ):
+        low[col], high[col] = max(0.0, 1.0 - strength), 1.0 + strength
+    low[_HUE], high[_HUE] = -recipe.hue, recipe.hue
+    low[_SIGMA], high[_SIGMA] = recipe.blur_sigma
+    return torch.tensor(low, dtype=torch.float64), torch.tensor(high, dtype=torch.float64)
+
+
+def _crop_boxes(area: Tensor, log_ratio: Tensor, pos: Tensor, recipe: AugmentRecipe) -> Tensor:
     """torchvision ``RandomResizedCrop.get_params``, vectorised over records, in fractions.
 
-    Boxes are expressed as fractions of the image side, so the aspect ratio is exact for square
+    ``area``/``log_ratio`` hold the ``CROP_ATTEMPTS`` candidates per record; the first that fits
+    wins, else torchvision's fallback (the whole image, or a centred box clamped to the ratio
+    bounds). Boxes are fractions of the image side, so the aspect ratio is exact for square
     images (every data set CARE uses) and any image size works.
     """
-    s_lo, s_hi = recipe.crop_scale
-    r_lo, r_hi = recipe.crop_ratio
-    area = _uniform(n * CROP_ATTEMPTS, s_lo, s_hi, generator).view(n, CROP_ATTEMPTS)
-    log_ratio = _uniform(n * CROP_ATTEMPTS, math.log(r_lo), math.log(r_hi), generator)
-    ratio = log_ratio.view(n, CROP_ATTEMPTS).exp()
+    ratio = log_ratio.exp()
     w = (area * ratio).sqrt()
     h = (area / ratio).sqrt()
     fits = (w > 0) & (w <= 1) & (h > 0) & (h <= 1)
     first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)  # first fitting attempt (or 0)
     w = w.gather(1, first).squeeze(1)
     h = h.gather(1, first).squeeze(1)
-    # Fallback as in torchvision: the whole image, or a centred box clamped to the ratio bounds.
     found = fits.any(dim=1)
+    r_lo, r_hi = recipe.crop_ratio
     if r_lo > 1.0:  # the image (ratio 1) is too tall: keep the width
         fb_w, fb_h = 1.0, 1.0 / r_lo
     elif r_hi < 1.0:  # the image is too wide: keep the height
@@ -254,7 +279,6 @@ def _sample_crop(n: int, recipe: AugmentRecipe, generator: torch.Generator) -> T
         fb_w, fb_h = 1.0, 1.0
     w = torch.where(found, w, torch.full_like(w, fb_w))
     h = torch.where(found, h, torch.full_like(h, fb_h))
-    pos = torch.rand(n, 2, generator=generator, dtype=torch.float64)
     top = torch.where(found, pos[:, 0] * (1 - h), (1 - h) / 2)
     left = torch.where(found, pos[:, 1] * (1 - w), (1 - w) / 2)
     return torch.stack([top, left, h, w], dim=1).float()
@@ -284,31 +308,28 @@ def sample_params(
     if generator.device.type != "cpu":
         raise CareError("sample_params: pass a CPU torch.Generator (parameters are drawn on CPU)")
     g = n // group_size
-    crop = _sample_crop(g, recipe, generator)
-    flip = torch.rand(g, generator=generator) < recipe.flip_p
-
-    jitter = torch.rand(g, generator=generator) < recipe.jitter_p
-    factors = []
-    for strength in (recipe.brightness, recipe.contrast, recipe.saturation):
-        f = _uniform(g, max(0.0, 1.0 - strength), 1.0 + strength, generator).float()
-        factors.append(torch.where(jitter, f, torch.ones_like(f)))
-    hue = _uniform(g, -recipe.hue, recipe.hue, generator).float()
-    hue = torch.where(jitter, hue, torch.zeros_like(hue))
-    order = torch.argsort(torch.rand(g, 4, generator=generator), dim=1)
-
-    grayscale = torch.rand(g, generator=generator) < recipe.grayscale_p
-    blur = torch.rand(g, generator=generator) < recipe.blur_p
-    sigma = _uniform(g, recipe.blur_sigma[0], recipe.blur_sigma[1], generator).float()
-    sigma = torch.where(blur, sigma, torch.zeros_like(sigma))
+    # One (g, 35) uniform draw per call, mapped column-wise onto each parameter's range.
+    u = torch.rand(g, _COLUMNS, generator=generator, dtype=torch.float64)
+    low, high = _column_ranges(recipe)
+    v = torch.addcmul(low, u, high - low)
+    crop = _crop_boxes(v[:, _AREA], v[:, _LOG_RATIO], v[:, _POS], recipe)
+    flip = u[:, _FLIP] < recipe.flip_p
+    jitter = u[:, _JITTER] < recipe.jitter_p
+    identity = torch.tensor([1.0, 1.0, 1.0, 0.0], dtype=torch.float64)
+    factors = torch.where(jitter[:, None], v[:, _BRIGHT : _HUE + 1], identity).float()
+    order = torch.argsort(u[:, _ORDER], dim=1)
+    grayscale = u[:, _GRAY] < recipe.grayscale_p
+    blur = u[:, _BLUR] < recipe.blur_p
+    sigma = torch.where(blur, v[:, _SIGMA], torch.zeros_like(v[:, _SIGMA])).float()
 
     record = AugParams(
         crop=crop,
         flip=flip,
         jitter=jitter,
-        brightness=factors[0],
-        contrast=factors[1],
-        saturation=factors[2],
-        hue=hue,
+        brightness=factors[:, 0].contiguous(),
+        contrast=factors[:, 1].contiguous(),
+        saturation=factors[:, 2].contiguous(),
+        hue=factors[:, 3].contiguous(),
         jitter_order=order,
         grayscale=grayscale,
         blur_sigma=sigma,
@@ -316,5 +337,5 @@ def sample_params(
     if group_size == 1:
         return record
     return AugParams(
-        **{k: v.repeat_interleave(group_size, dim=0) for k, v in record.as_dict().items()}
+        **{k: t.repeat_interleave(group_size, dim=0) for k, t in record.as_dict().items()}
     )

@@ -118,24 +118,22 @@ class Augmenter:
             p.jitter_order,
         )
 
+        # Row selections come from the caller's record (normally on the CPU: no device sync).
         if ch == 3:
-            gray_rows = p.grayscale.nonzero().squeeze(1)
+            gray_rows = params.grayscale.nonzero().squeeze(1).to(device)
             if gray_rows.numel() > 0:
                 gray = ops.grayscale(x.index_select(0, gray_rows)).expand(-1, 3, -1, -1)
                 x.index_copy_(0, gray_rows, gray)
 
-        blur_rows = p.blur_sigma.gt(0).nonzero().squeeze(1)
+        blur_rows = params.blur_sigma.gt(0).nonzero().squeeze(1).to(device)
         if blur_rows.numel() > 0:
             sigma = p.blur_sigma.index_select(0, blur_rows)
             blurred = ops.gaussian_blur(x.index_select(0, blur_rows), sigma, self.blur_kernel)
             x.index_copy_(0, blur_rows, blurred)
 
-        # (x - mean) / std as one fused multiply-add.
-        scale = torch.tensor([1.0 / s for s in self.std], device=device, dtype=x.dtype)
-        shift = torch.tensor(
-            [-m / s for m, s in zip(self.mean, self.std, strict=True)], device=device
-        )
-        return torch.addcmul(shift.view(1, -1, 1, 1), x, scale.view(1, -1, 1, 1))
+        mean = torch.tensor(self.mean, device=device, dtype=x.dtype).view(1, -1, 1, 1)
+        inv_std = torch.tensor([1.0 / s for s in self.std], device=device, dtype=x.dtype)
+        return x.sub_(mean).mul_(inv_std.view(1, -1, 1, 1))
 
     def __call__(
         self,

@@ -30,8 +30,9 @@ def extract_features(
     with Progress(transient=True) as progress:
         task = progress.add_task(description, total=len(loader))
         for images, y in loader:
-            x = eval_transform(images.to(device), info.image_size, info.mean, info.std,
-                               info.eval_crop_fraction)
+            x = eval_transform(
+                images.to(device), info.image_size, info.mean, info.std, info.eval_crop_fraction
+            )
             features.append(module(x).float().cpu())
             labels.append(y)
             progress.advance(task)

@@ -25,8 +25,17 @@ from care.models import ResNet
 from care.runs import RunDir, atomic_write_json, load_weights
 from care.train import data_info, load_split
 
-PROBE_KEYS = ("probe_epochs", "probe_seeds", "probe_lr", "probe_weight_decay", "probe_batch_size",
-              "knn_k", "knn_temperature", "data_root", "accelerator")
+PROBE_KEYS = (
+    "probe_epochs",
+    "probe_seeds",
+    "probe_lr",
+    "probe_weight_decay",
+    "probe_batch_size",
+    "knn_k",
+    "knn_temperature",
+    "data_root",
+    "accelerator",
+)
 
 
 @dataclass(frozen=True)
@@ -82,15 +91,28 @@ def linear_probe(
         task = progress.add_task("linear probe", total=cfg.probe_seeds)
         for seed in range(cfg.probe_seeds):
             accuracy = train_linear_probe(
-                train_x, train_y, test_x, test_y, num_classes, epochs=cfg.probe_epochs,
-                lr=cfg.probe_lr, weight_decay=cfg.probe_weight_decay,
-                batch_size=cfg.probe_batch_size, seed=seed,
+                train_x,
+                train_y,
+                test_x,
+                test_y,
+                num_classes,
+                epochs=cfg.probe_epochs,
+                lr=cfg.probe_lr,
+                weight_decay=cfg.probe_weight_decay,
+                batch_size=cfg.probe_batch_size,
+                seed=seed,
             )
             accuracies.append(100.0 * accuracy)
             progress.advance(task)
     std = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
-    return ProbeResult(statistics.fmean(accuracies), std, accuracies, cfg.probe_epochs,
-                       cfg.probe_lr, cfg.probe_weight_decay)
+    return ProbeResult(
+        statistics.fmean(accuracies),
+        std,
+        accuracies,
+        cfg.probe_epochs,
+        cfg.probe_lr,
+        cfg.probe_weight_decay,
+    )
 
 
 def _device(cfg: Config) -> torch.device:
@@ -111,20 +133,27 @@ def probe_run(run_dir: str, overrides: dict[str, Any] | None = None) -> dict[str
     backbone = ResNet(cfg.backbone, in_channels=info.channels, stem=cfg.stem, widths=cfg.widths)
     load_weights(backbone, run.backbone)
     device = _device(cfg)
-    train_x, train_y = extract_features(backbone, train_set, info, device=device,
-                                        description="train features")
-    test_x, test_y = extract_features(backbone, test_set, info, device=device,
-                                      description="test features")
-    knn = 100.0 * weighted_knn_accuracy(train_x, train_y, test_x, test_y, info.num_classes,
-                                        cfg.knn_k, cfg.knn_temperature)
+    train_x, train_y = extract_features(
+        backbone, train_set, info, device=device, description="train features"
+    )
+    test_x, test_y = extract_features(
+        backbone, test_set, info, device=device, description="test features"
+    )
+    knn = 100.0 * weighted_knn_accuracy(
+        train_x, train_y, test_x, test_y, info.num_classes, cfg.knn_k, cfg.knn_temperature
+    )
     linear = linear_probe(train_x, train_y, test_x, test_y, info.num_classes, cfg)
     result = {
         "run": str(run.root),
         "method": cfg.method,
         "views": cfg.views if cfg.grouped else None,
         "dataset": cfg.dataset,
-        "features": {"layer": "backbone", "dim": int(train_x.shape[1]),
-                     "train": int(train_x.shape[0]), "test": int(test_x.shape[0])},
+        "features": {
+            "layer": "backbone",
+            "dim": int(train_x.shape[1]),
+            "train": int(train_x.shape[0]),
+            "test": int(test_x.shape[0]),
+        },
         "knn": {"accuracy": knn, "k": cfg.knn_k, "temperature": cfg.knn_temperature},
         "linear": asdict(linear),
     }
@@ -144,6 +173,11 @@ def print_results(results: list[dict[str, Any]], console: Console | None = None)
         table.add_column(column, justify="right" if column in ("kNN", "linear probe") else "left")
     for r in results:
         linear = r["linear"]
-        table.add_row(r["run"], method_label(r), r["dataset"], f"{r['knn']['accuracy']:.2f}",
-                      f"{linear['mean']:.2f} ± {linear['std']:.2f} ({len(linear['per_seed'])} seeds)")
+        table.add_row(
+            r["run"],
+            method_label(r),
+            r["dataset"],
+            f"{r['knn']['accuracy']:.2f}",
+            f"{linear['mean']:.2f} ± {linear['std']:.2f} ({len(linear['per_seed'])} seeds)",
+        )
     (console or Console()).print(table)

@@ -15,7 +15,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from care.augment import AugmentRecipe, Augmenter, AugParams
+from care.augment import Augmenter, AugmentRecipe, AugParams
 from care.augment.eval import eval_transform
 from care.config import Config
 from care.errors import CareError
@@ -96,10 +96,21 @@ class ContrastiveMethod(L.LightningModule):
                 " lower lr, raise temperature or use precision=32"
             )
         for key, value in losses.items():
-            self.log(f"train/{key}", value.detach(), prog_bar=key == "loss", on_step=True,
-                     on_epoch=False, batch_size=images.shape[0])
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True,  # type: ignore[union-attr]
-                 on_epoch=False, batch_size=images.shape[0])
+            self.log(
+                f"train/{key}",
+                value.detach(),
+                prog_bar=key == "loss",
+                on_step=True,
+                on_epoch=False,
+                batch_size=images.shape[0],
+            )
+        self.log(
+            "train/lr",
+            self.trainer.optimizers[0].param_groups[0]["lr"],
+            on_step=True,
+            on_epoch=False,
+            batch_size=images.shape[0],
+        )
         return loss
 
     def validation_step(
@@ -108,7 +119,11 @@ class ContrastiveMethod(L.LightningModule):
         """Backbone features of un-augmented images, for the online kNN monitor."""
         images, labels = batch
         x = eval_transform(
-            images, self.data.image_size, self.data.mean, self.data.std, self.data.eval_crop_fraction
+            images,
+            self.data.image_size,
+            self.data.mean,
+            self.data.std,
+            self.data.eval_crop_fraction,
         )
         return {"features": self.backbone(x).float(), "labels": labels}
 
@@ -127,7 +142,10 @@ class ContrastiveMethod(L.LightningModule):
         warmup = int(cfg.warmup_epochs * total / cfg.epochs)
         schedule = WarmupCosine(total, warmup, cosine=cfg.scheduler == "cosine")
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
 
 class WarmupCosine:
@@ -146,4 +164,3 @@ class WarmupCosine:
             return 1.0
         progress = (step - self.warmup) / max(1, self.total - self.warmup)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-

@@ -1,0 +1,118 @@
+"""Pretraining end to end on a tiny IDX dataset: files, resume, determinism."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from care.config import load_config
+from care.errors import CareError
+from care.evaluate.probe import probe_run
+from care.train import EpochSampler, pretrain
+from tests.conftest import tiny
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ("method=simclr",),
+        ("method=care", "views=separate"),
+        ("method=care", "views=shared"),
+        ("method=equi_unif",),
+        ("method=care", "pairs=per_batch"),
+    ],
+)
+def test_pretrain_writes_a_complete_run(
+    fake_fmnist: Path, tmp_path: Path, extra: tuple[str, ...]
+) -> None:
+    run = pretrain(load_config(None, tiny(fake_fmnist, tmp_path / "run", *extra)))
+    for path in (
+        run.config,
+        run.last_checkpoint,
+        run.best_checkpoint,
+        run.backbone,
+        run.head,
+        run.metrics,
+        run.summary,
+    ):
+        assert path.is_file(), path
+    summary = json.loads(run.summary.read_text())
+    assert summary["steps"] == 128 // 32
+    assert 0.0 <= summary["final_knn_acc"] <= 1.0
+    header = run.metrics.read_text().splitlines()[0]
+    assert "train/loss" in header and "val/knn_acc" in header
+    assert not [p for p in run.root.rglob("*.tmp")]
+    result = probe_run(str(run.root))
+    assert 0.0 <= result["linear"]["mean"] <= 100.0
+    assert len(result["linear"]["per_seed"]) == 2
+    assert (run.root / "probe.json").is_file()
+
+
+def test_train_samples_limits_the_steps(fake_fmnist: Path, tmp_path: Path) -> None:
+    run = pretrain(
+        load_config(None, tiny(fake_fmnist, tmp_path / "r", "train_samples=64", "knn_every=0"))
+    )
+    assert json.loads(run.summary.read_text())["steps"] == 2
+    assert not run.best_checkpoint.exists()
+
+
+def test_run_killed_with_sigkill_resumes_to_the_same_weights(
+    fake_fmnist: Path, tmp_path: Path
+) -> None:
+    settings = tiny(fake_fmnist, tmp_path / "killed", "epochs=4", "knn_every=0")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "care.cli", "pretrain", *settings],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    checkpoint = tmp_path / "killed" / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert checkpoint.exists()
+    assert not (tmp_path / "killed" / "backbone.safetensors").exists()  # it died mid-run
+    resumed = pretrain(load_config(None, [*settings, "resume=true"]))
+    straight = pretrain(
+        load_config(None, tiny(fake_fmnist, tmp_path / "straight", "epochs=4", "knn_every=0"))
+    )
+    assert json.loads(resumed.summary.read_text())["steps"] == 16
+    a, b = load_file(str(straight.backbone)), load_file(str(resumed.backbone))
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert not list((tmp_path / "killed").rglob("*.tmp"))
+
+
+def test_existing_run_needs_resume(fake_fmnist: Path, tmp_path: Path) -> None:
+    pretrain(load_config(None, tiny(fake_fmnist, tmp_path / "r")))
+    with pytest.raises(CareError, match="resume=true"):
+        pretrain(load_config(None, tiny(fake_fmnist, tmp_path / "r")))
+    with pytest.raises(CareError, match="different 'lr'"):
+        pretrain(load_config(None, tiny(fake_fmnist, tmp_path / "r", "resume=true", "lr=0.5")))
+
+
+def test_too_few_images_for_a_batch(fake_fmnist: Path, tmp_path: Path) -> None:
+    with pytest.raises(CareError, match="fewer than one batch"):
+        pretrain(load_config(None, tiny(fake_fmnist, tmp_path / "r", "train_samples=16")))
+
+
+def test_epoch_sampler_is_a_seeded_permutation_sharded_by_rank() -> None:
+    sampler = EpochSampler(10, seed=3)
+    sampler.set_epoch(1)
+    order = list(sampler)
+    assert sorted(order) == list(range(10))
+    assert order == list(sampler)
+    sampler.set_epoch(2)
+    assert list(sampler) != order
+    shards = [list(EpochSampler(10, 3, rank=r, world_size=3)) for r in range(3)]
+    assert all(len(s) == 3 for s in shards)
+    assert len({i for shard in shards for i in shard}) == 9
