@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 # CPU build of PyTorch. GPU users: `make install TORCH_SPEC=torch` (or the CUDA wheel of their choice).
 TORCH_SPEC ?= torch==2.13.0
-DEMO_ARGS ?= epochs=3
+DEMO_ARGS ?= train_samples=10000 epochs=3
 RUN ?= runs/demo-care
 
 .PHONY: install data demo test lint clean

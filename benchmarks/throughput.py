@@ -21,6 +21,7 @@ from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
+from care.augment import tune_malloc
 from care.config import load_config
 from care.methods import build_method
 from care.train import data_info, load_split
@@ -65,7 +66,7 @@ def time_method(
         views = method.augment_views(batches, params)
         t1 = _clock(device)
         with _autocast(cfg.precision, device):
-            embeddings = method.forward_views(views, len(params))
+            embeddings = method.forward_views(views, cfg.batch_size)
             t2 = _clock(device)
             loss = method.compute_loss(embeddings)["loss"]
         t3 = _clock(device)
@@ -94,10 +95,11 @@ def time_method(
     times = []
     for step in range(warmup + steps):
         t0 = _clock(device)
-        with _autocast(cfg.precision, device):
-            out = backbone(images).float().sum()
         optimizer.zero_grad(set_to_none=True)
-        out.backward()
+        for _ in range(views_per_step // 2):  # as many passes of 2 views as the method makes
+            with _autocast(cfg.precision, device):
+                out = backbone(images).float().sum()
+            out.backward()
         optimizer.step()
         if step >= warmup:
             times.append(_clock(device) - t0)
@@ -125,6 +127,7 @@ def main() -> None:
         else:
             overrides.append(item)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tune_malloc()  # as the `care` command does
     torch.manual_seed(0)
     results: dict[str, dict[str, float]] = {}
     for name, variant in VARIANTS.items():

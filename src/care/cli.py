@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_lightning()
+    from care.augment import tune_malloc
+
+    tune_malloc()  # keep freed CPU tensors in the heap: fewer page faults per step
     try:
         return int(args.run(args))
     except CareError as exc:

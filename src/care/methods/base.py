@@ -75,20 +75,25 @@ class ContrastiveMethod(L.LightningModule):
         gen.manual_seed(step_seed(self.cfg.seed, self.global_step, self.global_rank))
         return gen
 
-    def augment_views(self, images: Tensor, params: list[AugParams]) -> Tensor:
-        """All views stacked: (len(params) * B, C, S, S)."""
-        return torch.cat([self.augmenter.apply(images, p) for p in params])
+    def augment_views(self, images: Tensor, params: list[AugParams]) -> list[Tensor]:
+        """The views, stacked two at a time (the pair that one loss term compares)."""
+        views = [self.augmenter.apply(images, p) for p in params]
+        return [torch.cat(views[i : i + 2]) for i in range(0, len(views), 2)]
 
-    def forward_views(self, views: Tensor, count: int) -> list[Tensor]:
-        """Embed all views in one forward pass and split them back."""
-        return list(self.embed(views).float().chunk(count))
+    def forward_views(self, stacks: list[Tensor], batch_size: int) -> list[Tensor]:
+        """Embed each stack in one forward pass (BatchNorm statistics over the pair of views)."""
+        embeddings: list[Tensor] = []
+        for stack in stacks:
+            z = self.embed(stack).float()
+            embeddings.extend(z.split(batch_size))
+        return embeddings
 
     # -------------------------------------------------------------- training
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images = batch[0]
-        params = self.sample_views(images.shape[0], self.step_generator())
-        views = self.augment_views(images, params)
-        losses = self.compute_loss(self.forward_views(views, len(params)))
+        n = images.shape[0]
+        params = self.sample_views(n, self.step_generator())
+        losses = self.compute_loss(self.forward_views(self.augment_views(images, params), n))
         loss = losses["loss"]
         if not torch.isfinite(loss):
             raise CareError(
