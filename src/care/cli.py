@@ -1,4 +1,4 @@
-"""The `care` command: `care pretrain | probe`.
+"""The `care` command: `care pretrain | probe | equivariance`.
 
 User errors (bad config, missing or corrupt data, NaN loss, unsafe checkpoint) print one line,
 ``error: ...``, and exit with status 2, without a traceback.
@@ -60,6 +60,56 @@ def _probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _equivariance(args: argparse.Namespace) -> int:
+    from care.evaluate.equivariance import equivariance_command
+
+    options: dict[str, object] = {}
+    for item in args.settings:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise CareError(f"bad argument '{item}': write settings as key=value, e.g. trials=20")
+        if key in ("trials", "samples", "compositions", "seed"):
+            if not value.isdigit():
+                raise CareError(f"bad value for '{key}': {value!r}; give a whole number")
+            options[key] = int(value)
+        elif key in ("split", "layer"):
+            options[key] = value
+        else:
+            raise CareError(
+                f"unknown setting '{key}': use trials, samples, split, layer, compositions or seed"
+            )
+    payload = equivariance_command(args.run, args.against, **options)  # type: ignore[arg-type]
+    _print_equivariance(payload)
+    return 0
+
+
+def _print_equivariance(payload: dict[str, object]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"Equivariance over {payload['trials']} trials ({payload['layer']} layer)")
+    for column in ("run", "W_SO/√n mean", "worst", "W ÷ inv. dist.", "γ_f", "composition"):
+        table.add_column(column)
+    for run, res in zip(payload["runs"], payload["results"], strict=True):  # type: ignore[call-overload]
+        s = res["summary"]
+        table.add_row(
+            run,
+            f"{s['wahba_so_mean']:.4f}",
+            f"{s['wahba_so_worst']:.4f}",
+            f"{s['wahba_so_ratio_mean']:.3f}",
+            f"{s['gamma_mean']:.4f}",
+            f"{s.get('composition_error_mean', float('nan')):.4f}",
+        )
+    Console().print(table)
+    if "lower_in_trials" in payload:
+        print(
+            f"first run lower W_f in {payload['lower_in_trials']}/{payload['trials']} trials, "
+            f"lower W_f ÷ invariance distance in {payload['ratio_lower_in_trials']}"
+        )
+    for plot in payload.get("plots", []):  # type: ignore[attr-defined]
+        print(f"wrote {plot}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="care", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -70,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--print-config", action="store_true", help="print the resolved config and exit"
     )
     pretrain.add_argument("overrides", nargs="*", metavar="key=value")
-    pretrain.set_defaults(run=_pretrain)
+    pretrain.set_defaults(handler=_pretrain)
 
     probe = commands.add_parser("probe", help="linear probe and kNN of pretrained runs")
     probe.add_argument(
@@ -79,18 +129,36 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RUN_DIR | key=value",
         help="run directories, then settings such as probe_epochs=100",
     )
-    probe.set_defaults(run=_probe)
+    probe.set_defaults(handler=_probe)
+
+    equi = commands.add_parser(
+        "equivariance", help="Wahba error, γ_f, composition, parameter probes"
+    )
+    equi.add_argument("run", metavar="RUN_DIR")
+    equi.add_argument("--against", metavar="RUN_DIR2", help="a baseline run to compare with")
+    equi.add_argument(
+        "settings",
+        nargs="*",
+        metavar="key=value",
+        help="trials=20 samples=2000 split=test layer=projection|backbone",
+    )
+    equi.set_defaults(handler=_equivariance)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # settings after an option, e.g. `care equivariance RUN --against RUN2 trials=5`
+        if args.command != "equivariance" or any(e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.settings += extra
     _quiet_lightning()
     from care.augment import tune_malloc
 
     tune_malloc()  # keep freed CPU tensors in the heap: fewer page faults per step
     try:
-        return int(args.run(args))
+        return int(args.handler(args))
     except CareError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,223 @@
+"""`care equivariance RUN_DIR [--against RUN_DIR2]`: how orthogonally augmentations act (paper, Sec. 4).
+
+Each trial samples ONE augmentation a (a single record shared by every image) and applies it to
+the evaluation images x. With F = f(x) and F_a = f(a(x)) (rows = samples) it reports Wahba's
+error over SO(d) and O(d) per √n, the least-squares residual, the invariance distance and W_f
+divided by it, and γ_f. In compare mode both models see the same augmentation in each trial.
+It also measures composition consistency (Corollary 1) and augmentation-parameter probes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from care.augment import Augmenter, AugmentRecipe, AugParams
+from care.augment.eval import eval_transform
+from care.config import Config
+from care.data import LabeledImages
+from care.errors import CareError
+from care.methods import DataInfo
+from care.metrics import composition_error, equivariance_report, parameter_probe
+from care.models import ProjectionHead, ResNet, to_sphere
+from care.runs import RunDir, atomic_write_json, json_ready, load_weights
+from care.train import data_info, load_split
+
+LAYERS = ("projection", "backbone")
+
+
+@dataclass
+class Encoder:
+    """A run's trained encoder, at the chosen layer, with its data settings."""
+
+    run: RunDir
+    cfg: Config
+    info: DataInfo
+    module: nn.Module
+    layer: str
+
+    @torch.no_grad()
+    def __call__(self, x: Tensor, batch_size: int = 512) -> Tensor:
+        """Embeddings of normalised images, rows = samples (float64 on CPU)."""
+        self.module.eval()
+        out = [self.module(x[i : i + batch_size]).double() for i in range(0, len(x), batch_size)]
+        return torch.cat(out).cpu()
+
+
+def load_encoder(run_dir: str | Path, layer: str = "projection") -> tuple[Encoder, LabeledImages]:
+    """The run's encoder (sphere-normalised projection, or backbone features) and its data."""
+    if layer not in LAYERS:
+        raise CareError(f"bad value for 'layer': {layer!r}; choose one of {list(LAYERS)}")
+    run = RunDir(run_dir)
+    cfg = run.read_config()
+    dataset = load_split(cfg, "test")
+    info = data_info(cfg, dataset)
+    backbone = ResNet(cfg.backbone, in_channels=info.channels, stem=cfg.stem, widths=cfg.widths)
+    load_weights(backbone, run.backbone)
+    module: nn.Module = backbone
+    if layer == "projection":
+        head = ProjectionHead(backbone.feature_dim, cfg.head_hidden, cfg.head_out)
+        load_weights(head, run.head)
+        module = nn.Sequential(backbone, head, _Sphere())
+    return Encoder(run, cfg, info, module, layer), dataset
+
+
+class _Sphere(nn.Module):
+    def forward(self, z: Tensor) -> Tensor:
+        return to_sphere(z)
+
+
+def dominant_kind(p: AugParams) -> str:
+    """A label for one augmentation record: its most visible component (for plot colours)."""
+    if bool(p.grayscale[0]):
+        return "grayscale"
+    if float(p.blur_sigma[0]) > 1.0:
+        return "blur"
+    crop = p.crop[0]
+    if float(crop[2] * crop[3]) < 0.4:
+        return "crop"
+    if bool(p.jitter[0]):
+        return "colour jitter"
+    return "mild crop/flip"
+
+
+def _augmenter(cfg: Config, info: DataInfo) -> Augmenter:
+    recipe = AugmentRecipe.for_channels(info.channels, crop_scale=(cfg.crop_min_scale, 1.0))
+    return Augmenter(recipe, info.image_size, info.mean, info.std)
+
+
+def _unnormalise(x: Tensor, info: DataInfo) -> Tensor:
+    mean = torch.tensor(info.mean).view(1, -1, 1, 1)
+    std = torch.tensor(info.std).view(1, -1, 1, 1)
+    return (x * std + mean).clamp(0, 1)
+
+
+def measure(
+    encoders: list[Encoder],
+    images: Tensor,
+    *,
+    trials: int = 20,
+    compositions: int = 5,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Per-trial metrics, composition errors and parameter probes for each encoder."""
+    info, cfg = encoders[0].info, encoders[0].cfg
+    augmenter = _augmenter(cfg, info)
+    n = images.shape[0]
+    clean = eval_transform(images, info.image_size, info.mean, info.std, info.eval_crop_fraction)
+    base = [enc(clean) for enc in encoders]
+    gen = torch.Generator().manual_seed(seed)
+    results: list[dict[str, Any]] = [{"trials": [], "composition": []} for _ in encoders]
+
+    def one(g: torch.Generator) -> AugParams:
+        return augmenter.sample(n, g, group_size=n, pairs="per_batch")
+
+    for t in range(trials):
+        params = one(gen)
+        augmented = augmenter.apply(images, params)
+        for enc, f, res in zip(encoders, base, results, strict=True):
+            report = equivariance_report(f, enc(augmented)).as_dict()
+            res["trials"].append(
+                {
+                    "trial": t,
+                    "kind": dominant_kind(params),
+                    **report,
+                    "params": json_ready({k: v[0] for k, v in params.as_dict().items()}),
+                }
+            )
+    for _ in range(compositions):
+        a, b = one(gen), one(gen)
+        x_a = augmenter.apply(images, a)
+        x_b = augmenter.apply(images, b)
+        x_ba = augmenter.apply(_unnormalise(x_a, info), b)  # "apply a, then b"
+        for enc, f, res in zip(encoders, base, results, strict=True):
+            res["composition"].append(composition_error(f, enc(x_a), enc(x_b), enc(x_ba)))
+    per_image = augmenter.sample(n, gen)
+    shifted = augmenter.apply(images, per_image)
+    targets = per_image.features().double()
+    for enc, f, res in zip(encoders, base, results, strict=True):
+        probe = parameter_probe(f, enc(shifted), targets, list(AugParams.FEATURE_NAMES), seed=seed)
+        res["probe"] = {"names": probe.names, "r2_linear": probe.r2_linear, "r2_mlp": probe.r2_mlp}
+    for res in results:
+        res["summary"] = summarise(res)
+    return {"n": n, "trials": trials, "results": results}
+
+
+def summarise(res: dict[str, Any]) -> dict[str, float]:
+    """Means and worst cases over trials, and the mean composition error."""
+    trials = res["trials"]
+    out: dict[str, float] = {}
+    for key in (
+        "wahba_so",
+        "wahba_o",
+        "linear_residual",
+        "invariance_distance",
+        "wahba_so_ratio",
+        "gamma",
+    ):
+        values = [t[key] for t in trials]
+        out[f"{key}_mean"] = sum(values) / len(values)
+        out[f"{key}_worst"] = max(values)
+    comp = res["composition"]
+    if comp:
+        out["composition_error_mean"] = sum(c["composition_error"] for c in comp) / len(comp)
+    return out
+
+
+def equivariance_command(
+    run_dir: str,
+    against: str | None = None,
+    *,
+    trials: int = 20,
+    split: str = "test",
+    samples: int = 2000,
+    layer: str = "projection",
+    compositions: int = 5,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Measure one run (or compare two) and write equivariance.json and plots into RUN_DIR."""
+    from care.plots import plot_equivariance
+
+    if trials < 1 or samples < 2:
+        raise CareError("trials must be at least 1 and samples at least 2")
+    encoder, _ = load_encoder(run_dir, layer)
+    encoders = [encoder]
+    if against is not None:
+        other, _ = load_encoder(against, layer)
+        if (other.cfg.dataset, other.info.image_size) != (
+            encoder.cfg.dataset,
+            encoder.info.image_size,
+        ):
+            raise CareError(
+                f"{against} was trained on other data than {run_dir}: compare runs of "
+                "one dataset and image size"
+            )
+        encoders.append(other)
+    dataset = load_split(encoder.cfg, split)
+    count = min(samples, len(dataset))
+    images = torch.stack([dataset[i][0] for i in range(count)])
+    measured = measure(encoders, images, trials=trials, compositions=compositions, seed=seed)
+    payload = {
+        "runs": [str(e.run.root) for e in encoders],
+        "methods": [e.cfg.method for e in encoders],
+        "layer": layer,
+        "split": split,
+        **measured,
+    }
+    if against is not None:
+        mine = [t["wahba_so"] for t in measured["results"][0]["trials"]]
+        theirs = [t["wahba_so"] for t in measured["results"][1]["trials"]]
+        payload["lower_in_trials"] = sum(a < b for a, b in zip(mine, theirs, strict=True))
+        ratio_mine = [t["wahba_so_ratio"] for t in measured["results"][0]["trials"]]
+        ratio_theirs = [t["wahba_so_ratio"] for t in measured["results"][1]["trials"]]
+        payload["ratio_lower_in_trials"] = sum(
+            a < b for a, b in zip(ratio_mine, ratio_theirs, strict=True)
+        )
+    out = encoder.run.root
+    atomic_write_json(out / "equivariance.json", json_ready(payload))
+    payload["plots"] = plot_equivariance(payload, out)
+    return payload
