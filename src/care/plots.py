@@ -55,8 +55,13 @@ def plot_equivariance(payload: dict[str, Any], out: Path) -> list[str]:
             ax.plot([lo, hi], [lo, hi], "k--", lw=1)
             ax.set_xlabel(f"{labels[1]}")
             ax.set_ylabel(f"{labels[0]}")
-            ax.set_title(f"{title} per trial (below the diagonal: {labels[0]} lower)", fontsize=9)
+            ax.set_title(f"{title} per trial", fontsize=10)
         axes[0].legend(fontsize=8)
+        fig.suptitle(
+            f"Wahba's problem, one augmentation per trial; below the diagonal: "
+            f"{labels[0]} is lower",
+            fontsize=10,
+        )
         written.append(save_figure(fig, out / "equivariance_scatter.png"))
     fig, ax = plt.subplots(figsize=(1.6 * len(kinds) + 3, 4))
     width = 0.8 / len(results)
