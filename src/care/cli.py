@@ -22,6 +22,7 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*predefined tensorboard.*")
     warnings.filterwarnings("ignore", message=".*treespec.*")
+    warnings.filterwarnings("ignore", message=".*exists and is not empty.*")  # resume writes there
     os.environ.setdefault("POSSIBLE_USER_WARNINGS", "off")
 
 

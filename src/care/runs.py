@@ -12,6 +12,7 @@ import io
 import json
 import os
 import pickle
+import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -71,10 +72,13 @@ def safe_torch_load(path: str | Path, map_location: Any = "cpu") -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported content"
+        unsupported = re.search(r"(?:unsupported|Unsupported global:) GLOBAL ([\w.]+)", str(exc))
+        what = (
+            f"it references {unsupported.group(1)}" if unsupported else "it holds pickled objects"
+        )
         raise CareError(
-            f"refusing to load {path}: it is not a plain weights checkpoint ({first[:120]}); "
-            "only load checkpoints you trust, written by care"
+            f"refusing to load {path}: {what}, so it is not a plain weights checkpoint; "
+            "only load checkpoints written by care"
         ) from None
     except (RuntimeError, EOFError, OSError) as exc:
         raise CareError(
