@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -11,14 +10,7 @@ import torch
 from care.cli import main
 from tests.conftest import tiny
 from tests.data.writers import write_mnist
-
-
-class _Exploit:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple[object, tuple[str]]:
-        return (os.system, (f"touch {self.marker}",))
+from tests.test_runs import PickleExploit
 
 
 def _fails_with_one_line(
@@ -96,7 +88,7 @@ def test_malicious_checkpoint_is_refused_on_resume(
     assert main(["pretrain", *tiny(fake_fmnist, out)]) == 0
     capsys.readouterr()
     marker = tmp_path / "pwned"
-    torch.save({"state_dict": {}, "x": _Exploit(marker)}, out / "checkpoints" / "last.ckpt")
+    torch.save({"state_dict": {}, "x": PickleExploit(marker)}, out / "checkpoints" / "last.ckpt")
     _fails_with_one_line(
         capsys, ["pretrain", *tiny(fake_fmnist, out), "resume=true"], "refusing to load"
     )

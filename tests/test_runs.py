@@ -17,7 +17,7 @@ from care.runs import (
 )
 
 
-class _Exploit:
+class PickleExploit:
     """A pickle payload that would create a marker file when unpickled."""
 
     def __init__(self, marker: Path) -> None:
@@ -30,7 +30,7 @@ class _Exploit:
 def test_malicious_checkpoint_is_refused_not_executed(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.ckpt"
-    torch.save({"state_dict": {}, "payload": _Exploit(marker)}, path, pickle_protocol=2)
+    torch.save({"state_dict": {}, "payload": PickleExploit(marker)}, path, pickle_protocol=2)
     with pytest.raises(CareError, match="refusing to load"):
         safe_torch_load(path)
     assert not marker.exists()
@@ -39,7 +39,7 @@ def test_malicious_checkpoint_is_refused_not_executed(tmp_path: Path) -> None:
 def test_plain_pickle_file_is_refused(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.ckpt"
-    path.write_bytes(pickle.dumps(_Exploit(marker)))
+    path.write_bytes(pickle.dumps(PickleExploit(marker)))
     with pytest.raises(CareError):
         safe_torch_load(path)
     assert not marker.exists()

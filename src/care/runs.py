@@ -145,18 +145,6 @@ class RunDir:
             raise CareError(f"{self.config} is not a mapping: the run directory is damaged")
         return config_from_dict({str(k): v for k, v in values.items()})
 
-    def read_json(self, name: str) -> dict[str, Any]:
-        path = self.root / name
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise CareError(
-                f"cannot read {path} ({type(exc).__name__}); rerun what writes it"
-            ) from None
-        if not isinstance(data, dict):
-            raise CareError(f"{path} does not hold a JSON object")
-        return data
-
 
 def json_ready(value: Any) -> Any:
     """Tensors and numpy scalars → plain Python, recursively (for JSON)."""
