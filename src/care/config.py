@@ -18,19 +18,23 @@ from care.errors import CareError
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "dataset": ("fashion-mnist", "mnist", "cifar10", "cifar100", "stl10", "imagefolder"),
-    "method": ("simclr", "care", "equi_unif"),
+    "method": ("simclr", "care", "equi_unif", "moco", "care_moco"),
     "views": ("separate", "shared"),
     "pairs": ("per_group", "per_batch"),
     "backbone": ("resnet18", "resnet34", "resnet50"),
     "stem": ("cifar", "imagenet"),
     "optimizer": ("adam", "sgd"),
+    "probe_optimizer": ("adam", "sgd"),
+    "embedding": ("sphere", "hyperboloid"),
+    "equi_form": ("auto", "euclidean", "minkowski", "symplectic"),
+    "strategy": ("auto", "ddp", "ddp_spawn"),
     "scheduler": ("cosine", "constant"),
     "precision": ("32", "bf16-mixed", "16-mixed"),
     "accelerator": ("auto", "cpu", "gpu", "cuda", "mps"),
 }
 
 #: Methods whose loss includes L_equi and so needs group-shared views.
-GROUPED_METHODS = ("care", "equi_unif")
+GROUPED_METHODS = ("care", "equi_unif", "care_moco")
 
 
 @dataclass
@@ -55,6 +59,14 @@ class Config:
     group_size: int = 16  # m: images that share one augmentation pair
     weight: float = 0.01  # λ, the weight of L_equi
     temperature: float = 0.5
+    moco_momentum: float = 0.99  # m of the key encoder's EMA (MoCo only)
+    queue_size: int = 65536  # negatives kept in the MoCo queue
+    # geometry
+    embedding: str = "sphere"  # sphere: unit sphere; hyperboloid: Lorentz model of hyperbolic space
+    curvature: float = 1.0  # hyperboloid: c in -x0^2 + |x|^2 = -1/c
+    equi_form: str = (
+        "auto"  # bilinear form of L_equi; auto: euclidean (sphere), minkowski (hyperboloid)
+    )
     # model
     backbone: str = "resnet18"
     stem: str = "cifar"
@@ -72,7 +84,10 @@ class Config:
     warmup_epochs: float = 0.0
     precision: str = "32"
     accelerator: str = "auto"
-    devices: int = 1
+    devices: int = 1  # per node; batch_size is per device
+    num_nodes: int = 1
+    strategy: str = "auto"  # ddp for several devices or nodes
+    sync_batchnorm: bool = False
     seed: int = 0
     # online monitor and evaluation
     knn_every: int = 1  # epochs between online kNN checks; 0 turns it off
@@ -81,7 +96,9 @@ class Config:
     knn_bank_samples: int | None = 10000  # training images in the online kNN bank (None: all)
     probe_epochs: int = 30
     probe_seeds: int = 3
+    probe_optimizer: str = "adam"
     probe_lr: float = 1e-3
+    probe_milestones: list[int] = field(default_factory=list)  # epochs where lr drops 10x
     probe_weight_decay: float = 1e-6
     probe_batch_size: int = 256
     # run directory
@@ -93,6 +110,13 @@ class Config:
     def grouped(self) -> bool:
         """True when the method trains L_equi on group-shared views."""
         return self.method in GROUPED_METHODS
+
+    @property
+    def form(self) -> str:
+        """The bilinear form of L_equi: ``equi_form``, or the embedding's own form for ``auto``."""
+        if self.equi_form != "auto":
+            return self.equi_form
+        return "minkowski" if self.embedding == "hyperboloid" else "euclidean"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -187,6 +211,8 @@ def validate(cfg: Config) -> None:
         "head_hidden",
         "head_out",
         "devices",
+        "num_nodes",
+        "queue_size",
         "knn_k",
         "probe_epochs",
         "probe_seeds",
@@ -196,7 +222,7 @@ def validate(cfg: Config) -> None:
     for key in positive:
         value = getattr(cfg, key)
         _require(value >= 1, f"bad value for '{key}': {value}; it must be at least 1")
-    for key in ("lr", "temperature", "knn_temperature", "probe_lr"):
+    for key in ("lr", "temperature", "knn_temperature", "probe_lr", "curvature"):
         value = getattr(cfg, key)
         _require(value > 0, f"bad value for '{key}': {value}; it must be positive")
     for key in (
@@ -210,6 +236,20 @@ def validate(cfg: Config) -> None:
     ):
         value = getattr(cfg, key)
         _require(value >= 0, f"bad value for '{key}': {value}; it must not be negative")
+    _require(
+        0 <= cfg.moco_momentum < 1,
+        f"bad value for 'moco_momentum': {cfg.moco_momentum}; it must lie in [0, 1)",
+    )
+    _require(
+        all(m >= 1 for m in cfg.probe_milestones),
+        f"bad value for 'probe_milestones': {cfg.probe_milestones}; give epochs of at least 1",
+    )
+    if cfg.equi_form == "symplectic":
+        _require(
+            cfg.head_out % 2 == 0,
+            f"equi_form=symplectic needs an even embedding size, got head_out={cfg.head_out}: "
+            "choose an even head_out",
+        )
     _require(
         0 < cfg.crop_min_scale <= 1,
         f"bad value for 'crop_min_scale': {cfg.crop_min_scale}; it must lie in (0, 1]",

@@ -18,7 +18,9 @@ from torch import Tensor
 from care.augment import Augmenter, AugmentRecipe, AugParams
 from care.augment.eval import eval_transform
 from care.config import Config
+from care.distributed import gather_with_grad, rank_and_world
 from care.errors import CareError
+from care.losses import InfoNCETerms, equivariance_loss, info_nce_terms
 from care.models import ProjectionHead, ResNet, to_sphere
 
 
@@ -69,6 +71,25 @@ class ContrastiveMethod(L.LightningModule):
         """f(x) on the unit sphere: normalised projection of the backbone features."""
         return to_sphere(self.head(self.backbone(x)))
 
+    # ------------------------------------------------- the losses' geometry
+    def contrastive_terms(self, z1: Tensor, z2: Tensor) -> InfoNCETerms:
+        """InfoNCE of two views (paper, Eq. 1). Under DDP each local anchor is compared with both
+        views of every rank's samples, gathered with gradients (:mod:`care.distributed`)."""
+        rank, _ = rank_and_world()
+        c1, c2 = gather_with_grad(z1), gather_with_grad(z2)
+        return info_nce_terms(
+            z1,
+            z2,
+            self.cfg.temperature,
+            candidates1=c1,
+            candidates2=c2,
+            offset=rank * z1.shape[0],
+        )
+
+    def equivariance(self, e1: Tensor, e2: Tensor) -> Tensor:
+        """L_equi (paper, Eq. 3) of two group-shared views; groups never span ranks."""
+        return equivariance_loss(e1, e2, self.cfg.group_size)
+
     def step_generator(self) -> torch.Generator:
         """CPU generator for this step's augmentation, seeded by (seed, step, rank)."""
         gen = torch.Generator()
@@ -89,11 +110,15 @@ class ContrastiveMethod(L.LightningModule):
         return embeddings
 
     # -------------------------------------------------------------- training
+    def loss_from_views(self, stacks: list[Tensor], batch_size: int) -> dict[str, Tensor]:
+        """Loss terms of already augmented views (stacked in pairs, as ``augment_views`` returns)."""
+        return self.compute_loss(self.forward_views(stacks, batch_size))
+
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images = batch[0]
         n = images.shape[0]
         params = self.sample_views(n, self.step_generator())
-        losses = self.compute_loss(self.forward_views(self.augment_views(images, params), n))
+        losses = self.loss_from_views(self.augment_views(images, params), n)
         loss = losses["loss"]
         if not torch.isfinite(loss):
             raise CareError(
@@ -108,6 +133,7 @@ class ContrastiveMethod(L.LightningModule):
                 on_step=True,
                 on_epoch=False,
                 batch_size=images.shape[0],
+                sync_dist=True,
             )
         self.log(
             "train/lr",

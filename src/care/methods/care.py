@@ -7,7 +7,6 @@ import torch
 from torch import Tensor
 
 from care.augment import AugParams
-from care.losses import equivariance_loss, info_nce_terms
 from care.methods.base import ContrastiveMethod
 
 
@@ -36,8 +35,8 @@ class CARE(ContrastiveMethod):
         return [self.augmenter.sample(n, generator) for _ in range(2)] + grouped
 
     def compute_loss(self, embeddings: list[Tensor]) -> dict[str, Tensor]:
-        terms = info_nce_terms(embeddings[0], embeddings[1], self.cfg.temperature)
-        equi = equivariance_loss(embeddings[-2], embeddings[-1], self.cfg.group_size)
+        terms = self.contrastive_terms(embeddings[0], embeddings[1])
+        equi = self.equivariance(embeddings[-2], embeddings[-1])
         loss = terms.total + self.cfg.weight * equi
         return {"loss": loss, "inv": terms.inv, "unif": terms.unif, "equi": equi}
 
@@ -51,6 +50,6 @@ class EquiUnif(CARE):
         return self.sample_group_pair(n, generator)
 
     def compute_loss(self, embeddings: list[Tensor]) -> dict[str, Tensor]:
-        terms = info_nce_terms(embeddings[0], embeddings[1], self.cfg.temperature)
-        equi = equivariance_loss(embeddings[0], embeddings[1], self.cfg.group_size)
+        terms = self.contrastive_terms(embeddings[0], embeddings[1])
+        equi = self.equivariance(embeddings[0], embeddings[1])
         return {"loss": terms.unif + self.cfg.weight * equi, "unif": terms.unif, "equi": equi}

@@ -6,7 +6,6 @@ import torch
 from torch import Tensor
 
 from care.augment import AugParams
-from care.losses import info_nce_terms
 from care.methods.base import ContrastiveMethod
 
 
@@ -19,5 +18,5 @@ class SimCLR(ContrastiveMethod):
         return [self.augmenter.sample(n, generator) for _ in range(2)]
 
     def compute_loss(self, embeddings: list[Tensor]) -> dict[str, Tensor]:
-        terms = info_nce_terms(embeddings[0], embeddings[1], self.cfg.temperature)
+        terms = self.contrastive_terms(embeddings[0], embeddings[1])
         return {"loss": terms.total, "inv": terms.inv, "unif": terms.unif}

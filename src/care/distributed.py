@@ -1,0 +1,64 @@
+"""Collectives for training on several processes (Lightning DDP), and no-ops on one.
+
+InfoNCE compares each anchor with the samples of every rank, so its candidates are gathered *with*
+gradients. The backward pass sums the incoming gradients over ranks before each rank takes its own
+slice: every rank's loss depends on every rank's embeddings. Combined with DDP's averaging of
+parameter gradients, this gives exactly the gradient of the single-process loss on the global batch
+(when each rank averages its loss over its local anchors). Implementations that return only the
+local slice of the gradient, or that also rescale it by the world size, get a gradient that is off
+by up to a factor of the world size on the candidate path; ``tests/test_distributed.py`` checks ours
+against a single process.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of this process; (0, 1) outside a process group."""
+    if not is_distributed():
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> tuple[Tensor, ...]:
+        gathered = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, x.contiguous())
+        return tuple(gathered)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> Tensor:
+        stacked = torch.stack([g.contiguous() for g in grads])
+        dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
+        return stacked[dist.get_rank()]
+
+
+def gather_with_grad(x: Tensor) -> Tensor:
+    """Rows of ``x`` from every rank, concatenated in rank order, differentiable (see module doc).
+
+    Every rank must pass a tensor of the same shape.
+    """
+    if not is_distributed():
+        return x
+    return torch.cat(_GatherWithGrad.apply(x))
+
+
+@torch.no_grad()
+def gather_no_grad(x: Tensor) -> Tensor:
+    """Rows of ``x`` from every rank, concatenated in rank order, without gradient (MoCo's keys)."""
+    if not is_distributed():
+        return x.detach()
+    gathered = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, x.detach().contiguous())
+    return torch.cat(gathered)
