@@ -127,3 +127,23 @@ def care_loss(
     the same tensors for the ``views=shared`` variant).
     """
     return info_nce(z1, z2, temperature) + weight * equivariance_loss(e1, e2, group_size)
+
+
+def moco_terms(query: Tensor, key: Tensor, queue: Tensor, temperature: float) -> InfoNCETerms:
+    """MoCo's InfoNCE (He et al., 2020), split like :func:`info_nce_terms` into ``inv + unif``.
+
+    Query ``i`` has the positive key ``i`` and the ``K`` rows of ``queue`` as negatives:
+    ``-log exp(q·k⁺/τ) / (exp(q·k⁺/τ) + Σ_j exp(q·n_j/τ))``, averaged over queries. Keys and queue
+    carry no gradient (pass them detached); rows are expected to be L2-normalised.
+    """
+    _check_pair(query, key)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    if queue.ndim != 2 or queue.shape[1] != query.shape[1]:
+        raise ValueError(f"queue must be (K, {query.shape[1]}), got {tuple(queue.shape)}")
+    q = _full_precision(query)
+    positives = (q * _full_precision(key)).sum(1, keepdim=True) / temperature  # (N, 1)
+    negatives = q @ _full_precision(queue).T / temperature  # (N, K)
+    inv = -positives.mean()
+    unif = torch.logsumexp(torch.cat([positives, negatives], dim=1), dim=1).mean()
+    return InfoNCETerms(inv=inv, unif=unif)

@@ -1,4 +1,5 @@
-"""Figures (matplotlib, Agg backend): the paper's Figure-3 scatter and per-kind error plots."""
+"""Figures (matplotlib, Agg backend): the paper's Figure-2 ablation bars, Figure-3 scatter and
+per-kind error plots."""
 
 from __future__ import annotations
 
@@ -81,3 +82,108 @@ def plot_equivariance(payload: dict[str, Any], out: Path) -> list[str]:
     ax.legend(fontsize=8)
     written.append(save_figure(fig, out / "equivariance_by_kind.png"))
     return written
+
+
+def ablation_bars(results: list[dict[str, Any]], path: Path, title: str) -> str:
+    """The loss ablation (paper, Figure 2): linear-probe accuracy per variant as bars with ±std
+    error bars and the per-seed values as dots, kNN accuracy as a second, hatched bar.
+
+    ``results``: one dict per variant with ``label``, ``mean``, ``std``, ``per_seed`` (linear
+    probe, in %) and ``knn`` (in %, or None). The y-axis is zoomed to the values' range.
+    """
+    if not results:
+        raise ValueError("ablation_bars needs at least one result")
+    n = len(results)
+    has_knn = any(r.get("knn") is not None for r in results)
+    width = 0.38 if has_knn else 0.6
+    fig, ax = plt.subplots(figsize=(1.9 * n + 2.2, 4.2))
+    xs = list(range(n))
+    linear_x = [x - width / 2 if has_knn else x for x in xs]
+    means = [float(r["mean"]) for r in results]
+    stds = [float(r.get("std") or 0.0) for r in results]
+    colours = [f"C{i}" for i in range(n)]
+    ax.bar(
+        linear_x,
+        means,
+        width,
+        yerr=stds,
+        capsize=5,
+        color=colours,
+        edgecolor="black",
+        linewidth=0.6,
+        error_kw={"elinewidth": 1.2},
+        label="linear probe (mean ± std over seeds)",
+        zorder=2,
+    )
+    lows = [m - s for m, s in zip(means, stds, strict=True)]
+    highs = [m + s for m, s in zip(means, stds, strict=True)]
+    for x, r in zip(linear_x, results, strict=True):
+        seeds = [float(v) for v in r.get("per_seed") or []]
+        ax.scatter([x] * len(seeds), seeds, s=12, color="black", zorder=3)
+        lows += seeds
+        highs += seeds
+    knn_x = [x + width / 2 for x in xs]
+    if has_knn:
+        knn = [r.get("knn") for r in results]
+        for x, value, colour in zip(knn_x, knn, colours, strict=True):
+            if value is None:
+                continue
+            ax.bar(
+                x,
+                float(value),
+                width,
+                color=colour,
+                alpha=0.35,
+                hatch="//",
+                edgecolor="black",
+                linewidth=0.6,
+                zorder=2,
+            )
+            lows.append(float(value))
+            highs.append(float(value))
+    lo, hi = min(lows), max(highs)
+    span = max(hi - lo, 4.0)  # at least a few points, so equal bars do not fill the frame
+    bottom, top = max(0.0, lo - 0.6 * span), min(100.0, hi + 0.35 * span)
+    ax.set_ylim(bottom, top)
+    offset = 0.02 * (top - bottom)
+    for x, m, s, r in zip(linear_x, means, stds, results, strict=True):
+        peak = max([m + s, *(float(v) for v in r.get("per_seed") or [])])
+        ax.text(
+            x, min(peak + offset, top), f"{m:.1f}±{s:.1f}", ha="center", va="bottom", fontsize=8
+        )
+    if has_knn:
+        for x, r in zip(knn_x, results, strict=True):
+            if r.get("knn") is not None:
+                value = float(r["knn"])
+                ax.text(
+                    x,
+                    min(value + offset, top),
+                    f"{value:.1f}",
+                    ha="center",
+                    va="bottom",
+                    fontsize=8,
+                )
+    ax.set_xticks(xs, [str(r["label"]) for r in results])
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(axis="y", alpha=0.3, zorder=0)
+    ax.set_axisbelow(True)
+    if has_knn:
+        from matplotlib.patches import Patch
+
+        ax.legend(
+            handles=[
+                Patch(
+                    facecolor="0.6",
+                    edgecolor="black",
+                    label="linear probe (mean ± std; dots: seeds)",
+                ),
+                Patch(facecolor="0.85", edgecolor="black", hatch="//", label="kNN"),
+            ],
+            fontsize=8,
+            loc="upper center",
+            bbox_to_anchor=(0.5, -0.13),
+            ncol=2,
+            frameon=False,
+        )
+    ax.set_title(title, fontsize=10)
+    return save_figure(fig, Path(path))

@@ -113,7 +113,8 @@ class KNNMonitor(Callback):
             self.k,
             self.temperature,
         )
-        pl_module.log("val/knn_acc", accuracy, prog_bar=True)
+        # Every rank sees the whole validation set, so the value is the same on all of them.
+        pl_module.log("val/knn_acc", accuracy, prog_bar=True, sync_dist=True)
         self.outputs = {0: [], 1: []}
 
 
@@ -158,8 +159,11 @@ class MetricsCSV(Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.flush()
 
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.writer = trainer.is_global_zero
+
     def flush(self) -> None:
-        if not self.rows:
+        if not self.rows or not getattr(self, "writer", True):
             return
         columns = list(dict.fromkeys(k for row in self.rows for k in row))
         buffer = io.StringIO()
@@ -265,11 +269,17 @@ def pretrain(cfg: Config) -> RunDir:
     pretrain_set = load_split(cfg, "pretrain")
     if cfg.train_samples is not None:
         pretrain_set = pretrain_set.subset(cfg.train_samples)
-    world = cfg.devices
+    world = cfg.devices * cfg.num_nodes
     if len(pretrain_set) < cfg.batch_size * world:
         raise CareError(
-            f"{len(pretrain_set)} training images are fewer than one batch "
-            f"(batch_size={cfg.batch_size} × devices={world}): lower batch_size or raise train_samples"
+            f"{len(pretrain_set)} training images are fewer than one global batch "
+            f"(batch_size={cfg.batch_size} × {world} devices): lower batch_size or raise "
+            "train_samples"
+        )
+    if cfg.sync_batchnorm and not torch.cuda.is_available():
+        raise CareError(
+            "sync_batchnorm=true needs GPUs (torch's SyncBatchNorm has no CPU kernel): "
+            "set sync_batchnorm=false"
         )
     info = data_info(cfg, pretrain_set)
     val_loaders: list[DataLoader] = []
@@ -283,9 +293,6 @@ def pretrain(cfg: Config) -> RunDir:
         ]
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     method: ContrastiveMethod = build_method(cfg, info)
-    run.root.mkdir(parents=True, exist_ok=True)
-    run.write_config(cfg)
-
     throughput = Throughput(cfg.batch_size * world)
     callbacks: list[Callback] = [
         # No monitor + save_top_k=1: keep only the latest epoch, always under the name last.ckpt.
@@ -317,6 +324,9 @@ def pretrain(cfg: Config) -> RunDir:
         max_epochs=cfg.epochs,
         accelerator=cfg.accelerator,
         devices=cfg.devices,
+        num_nodes=cfg.num_nodes,
+        strategy=cfg.strategy,
+        sync_batchnorm=cfg.sync_batchnorm,
         precision=cfg.precision,  # type: ignore[arg-type]
         logger=TensorBoardLogger(str(run.root), name="tensorboard", version=""),
         callbacks=callbacks,
@@ -329,6 +339,9 @@ def pretrain(cfg: Config) -> RunDir:
         enable_model_summary=False,
         default_root_dir=str(run.root),
     )
+    if trainer.is_global_zero:  # rank 0 alone writes; Lightning saves checkpoints on rank 0 only
+        run.root.mkdir(parents=True, exist_ok=True)
+        run.write_config(cfg)
     sampler = EpochSampler(len(pretrain_set), cfg.seed, trainer.global_rank, trainer.world_size)
     train_loader = _loader(pretrain_set, cfg, sampler, drop_last=True)
     started = time.perf_counter()
@@ -351,6 +364,10 @@ def pretrain(cfg: Config) -> RunDir:
                 "train_images": len(pretrain_set),
                 "epochs": trainer.current_epoch,
                 "steps": trainer.global_step,
+                "devices": cfg.devices,
+                "num_nodes": cfg.num_nodes,
+                "world_size": trainer.world_size,
+                "batch_size_per_device": cfg.batch_size,
                 "global_batch": cfg.batch_size * trainer.world_size,
                 "precision": cfg.precision,
                 "final_knn_acc": None if knn is None else float(knn),

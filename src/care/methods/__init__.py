@@ -6,9 +6,12 @@ from care.config import Config
 from care.errors import CareError
 from care.methods.base import ContrastiveMethod, DataInfo
 from care.methods.care import CARE, EquiUnif
+from care.methods.moco import CAREMoCo, KeyQueue, MoCo, momentum_update
 from care.methods.simclr import SimCLR
 
-METHODS: dict[str, type[ContrastiveMethod]] = {cls.name: cls for cls in (SimCLR, CARE, EquiUnif)}
+METHODS: dict[str, type[ContrastiveMethod]] = {
+    cls.name: cls for cls in (SimCLR, CARE, EquiUnif, MoCo, CAREMoCo)
+}
 
 
 def build_method(cfg: Config, data: DataInfo) -> ContrastiveMethod:
@@ -18,4 +21,16 @@ def build_method(cfg: Config, data: DataInfo) -> ContrastiveMethod:
     return METHODS[cfg.method](cfg, data)
 
 
-__all__ = ["CARE", "METHODS", "ContrastiveMethod", "DataInfo", "EquiUnif", "SimCLR", "build_method"]
+__all__ = [
+    "CARE",
+    "METHODS",
+    "CAREMoCo",
+    "ContrastiveMethod",
+    "DataInfo",
+    "EquiUnif",
+    "KeyQueue",
+    "MoCo",
+    "SimCLR",
+    "build_method",
+    "momentum_update",
+]

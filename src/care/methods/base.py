@@ -18,7 +18,7 @@ from torch import Tensor
 from care.augment import Augmenter, AugmentRecipe, AugParams
 from care.augment.eval import eval_transform
 from care.config import Config
-from care.distributed import gather_with_grad, rank_and_world
+from care.distributed import any_rank, gather_with_grad, rank_and_world
 from care.errors import CareError
 from care.losses import InfoNCETerms, equivariance_loss, info_nce_terms
 from care.models import ProjectionHead, ResNet, to_sphere
@@ -105,7 +105,7 @@ class ContrastiveMethod(L.LightningModule):
         """Embed each stack in one forward pass (BatchNorm statistics over the pair of views)."""
         embeddings: list[Tensor] = []
         for stack in stacks:
-            z = self.embed(stack).float()
+            z = self.embed(stack)  # the losses compute half precision in float32
             embeddings.extend(z.split(batch_size))
         return embeddings
 
@@ -120,7 +120,7 @@ class ContrastiveMethod(L.LightningModule):
         params = self.sample_views(n, self.step_generator())
         losses = self.loss_from_views(self.augment_views(images, params), n)
         loss = losses["loss"]
-        if not torch.isfinite(loss):
+        if any_rank(not bool(torch.isfinite(loss))):  # collective: every rank stops together
             raise CareError(
                 f"loss became {loss.item()} at step {self.global_step} (epoch {self.current_epoch}):"
                 " lower lr, raise temperature or use precision=32"

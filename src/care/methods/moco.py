@@ -1,0 +1,144 @@
+"""MoCo-v2 (Chen et al., 2020) and CARE on MoCo-v2 (paper, Sec. 4, "CARE_MoCo-v2").
+
+The key encoder is a momentum (EMA) copy of the backbone and head; negatives come from a queue of
+past keys. The loss is symmetrised: each view is a query for the other view's key, as in
+solo-learn and MoCo v3, so every image contributes two query terms per step. Under DDP the queue is
+fed with the keys of every rank, and BatchNorm is per device unless ``sync_batchnorm=true``
+(SyncBN, as MoCo v3 does, instead of MoCo v1/v2's shuffle-BN).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+from care.augment import AugParams
+from care.config import Config
+from care.distributed import gather_no_grad
+from care.errors import CareError
+from care.losses import InfoNCETerms, moco_terms
+from care.methods.base import ContrastiveMethod, DataInfo
+from care.models import to_sphere
+
+
+class KeyQueue(nn.Module):
+    """A first-in-first-out ring of the last ``size`` keys (rows), kept in buffers so that
+    checkpoints hold it and a resumed run continues with the same negatives.
+
+    It starts filled with random unit vectors, as in the official MoCo code. :meth:`push` writes a
+    batch over the oldest entries, wrapping around the end of the buffer.
+    """
+
+    keys: Tensor
+    pointer: Tensor
+
+    def __init__(self, size: int, dim: int, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.register_buffer("keys", to_sphere(torch.randn(size, dim, generator=generator)))
+        self.register_buffer("pointer", torch.zeros((), dtype=torch.long))
+
+    @property
+    def size(self) -> int:
+        return self.keys.shape[0]
+
+    @torch.no_grad()
+    def push(self, keys: Tensor) -> None:
+        """Overwrite the oldest ``len(keys)`` entries (only the newest ``size`` if more)."""
+        keys = keys.detach().to(self.keys.dtype)[-self.size :]
+        start = int(self.pointer)
+        rows = (torch.arange(keys.shape[0], device=self.keys.device) + start) % self.size
+        self.keys[rows] = keys
+        self.pointer.fill_((start + keys.shape[0]) % self.size)
+
+    def oldest_first(self) -> Tensor:
+        """The keys from oldest to newest (for inspection and tests)."""
+        return torch.roll(self.keys, -int(self.pointer), dims=0)
+
+
+@torch.no_grad()
+def momentum_update(key: nn.Module, query: nn.Module, momentum: float) -> None:
+    """θ_k ← m·θ_k + (1 − m)·θ_q for every parameter (He et al., 2020, Eq. 2)."""
+    for k, q in zip(key.parameters(), query.parameters(), strict=True):
+        k.mul_(momentum).add_(q.detach(), alpha=1.0 - momentum)
+
+
+class MoCo(ContrastiveMethod):
+    """L = ½ [ℓ(q₁, k₂, queue) + ℓ(q₂, k₁, queue)], with ℓ MoCo's InfoNCE (:func:`moco_terms`)."""
+
+    name = "moco"
+
+    def __init__(self, cfg: Config, data: DataInfo) -> None:
+        if cfg.embedding != "sphere":
+            raise CareError(
+                f"method={cfg.method} supports embedding=sphere only (its queue holds unit "
+                "vectors): set embedding=sphere or use method=care"
+            )
+        super().__init__(cfg, data)
+        self.key_backbone = copy.deepcopy(self.backbone)
+        self.key_head = copy.deepcopy(self.head)
+        for p in (*self.key_backbone.parameters(), *self.key_head.parameters()):
+            p.requires_grad_(False)
+        generator = torch.Generator().manual_seed(cfg.seed)
+        self.queue = KeyQueue(cfg.queue_size, cfg.head_out, generator)
+
+    def key_embed(self, x: Tensor) -> Tensor:
+        """Keys: the momentum encoder's embedding, without gradient."""
+        with torch.no_grad():
+            return to_sphere(self.key_head(self.key_backbone(x)))
+
+    def on_train_batch_start(self, batch: object, batch_idx: int) -> None:
+        # Before this step's keys, as in the official code: keys come from the EMA of the
+        # query encoder as it stands after the previous optimiser step.
+        momentum_update(self.key_backbone, self.backbone, self.cfg.moco_momentum)
+        momentum_update(self.key_head, self.head, self.cfg.moco_momentum)
+
+    def sample_views(self, n: int, generator: torch.Generator) -> list[AugParams]:
+        return [self.augmenter.sample(n, generator) for _ in range(2)]
+
+    def loss_from_views(self, stacks: list[Tensor], batch_size: int) -> dict[str, Tensor]:
+        """Queries of every view, keys of the first pair; then the queue takes the new keys."""
+        queries = self.forward_views(stacks, batch_size)
+        keys = self.key_embed(stacks[0]).split(batch_size)
+        losses = self.compute_loss([*queries, *keys])
+        self.queue.push(gather_no_grad(keys[1]))
+        return losses
+
+    def moco(self, q1: Tensor, q2: Tensor, k1: Tensor, k2: Tensor) -> InfoNCETerms:
+        """The symmetrised MoCo terms of the first pair of views."""
+        queue = self.queue.keys.clone()  # the queue changes after this step
+        a = moco_terms(q1, k2, queue, self.cfg.temperature)
+        b = moco_terms(q2, k1, queue, self.cfg.temperature)
+        return InfoNCETerms(inv=(a.inv + b.inv) / 2, unif=(a.unif + b.unif) / 2)
+
+    def compute_loss(self, embeddings: list[Tensor]) -> dict[str, Tensor]:
+        """``embeddings``: queries of each view, then the keys of views 1 and 2."""
+        terms = self.moco(embeddings[0], embeddings[1], embeddings[-2], embeddings[-1])
+        return {"loss": terms.total, "inv": terms.inv, "unif": terms.unif}
+
+
+class CAREMoCo(MoCo):
+    """CARE_MoCo-v2: MoCo's loss plus λ·L_equi on the query encoder's embeddings of the
+    group-shared views (``views=separate``: 2 extra views; ``views=shared``: the MoCo views
+    themselves are group-shared)."""
+
+    name = "care_moco"
+
+    def sample_views(self, n: int, generator: torch.Generator) -> list[AugParams]:
+        cfg = self.cfg
+        grouped = [
+            self.augmenter.sample(n, generator, group_size=cfg.group_size, pairs=cfg.pairs)
+            for _ in range(2)
+        ]
+        if cfg.views == "shared":
+            return grouped
+        return [self.augmenter.sample(n, generator) for _ in range(2)] + grouped
+
+    def compute_loss(self, embeddings: list[Tensor]) -> dict[str, Tensor]:
+        """``embeddings``: queries of each view (2 or 4), then the keys of views 1 and 2."""
+        queries = embeddings[:-2]
+        terms = self.moco(queries[0], queries[1], embeddings[-2], embeddings[-1])
+        equi = self.equivariance(queries[-2], queries[-1])
+        loss = terms.total + self.cfg.weight * equi
+        return {"loss": loss, "inv": terms.inv, "unif": terms.unif, "equi": equi}

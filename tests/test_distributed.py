@@ -1,0 +1,189 @@
+"""Two CPU processes (gloo) against one: same loss, same gradients, same MoCo queue.
+
+The single process sees the global batch of 2n images; each of the two ranks sees its n images
+(the same augmented views, sliced by rank) and DDP's semantics are reproduced by averaging the
+gradients over ranks. BatchNorm runs in eval mode here because torch's SyncBatchNorm has no CPU
+kernel, and per-device batch statistics would differ from global ones by design; what is under
+test is the cross-rank loss: gathered negatives, their gradient scale, groups and the queue.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from care.config import load_config
+from care.distributed import gather_with_grad
+from care.methods import DataInfo, MoCo, build_method
+from tests.conftest import tiny
+
+INFO = DataInfo(channels=1, image_size=16, mean=(0.5,), std=(0.25,), num_classes=10)
+N_GLOBAL = 16  # images in the global batch; 8 per rank
+TOLERANCE = 1e-10  # float64 throughout
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _setup(method_name: str) -> tuple[torch.nn.Module, list[torch.Tensor]]:
+    """The same weights and views on every process (seeded), in float64, BN in eval mode."""
+    extra = ["views=separate", "group_size=4", "queue_size=24", "temperature=0.2"]
+    cfg = load_config(
+        None,
+        [
+            f"method={method_name}",
+            "widths=[4,4,8,8]",
+            "head_hidden=16",
+            "head_out=8",
+            f"batch_size={N_GLOBAL}",
+            *extra,
+        ],
+    )
+    torch.manual_seed(0)
+    method = build_method(cfg, INFO).double().eval()
+    gen = torch.Generator().manual_seed(1)
+    pairs = 2 if method_name == "care" else 1
+    stacks = [torch.randn(2 * N_GLOBAL, 1, 16, 16, generator=gen).double() for _ in range(pairs)]
+    return method, stacks
+
+
+def _local(stack: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """This rank's rows of both views of a stacked pair."""
+    n = N_GLOBAL // world
+    view1, view2 = stack[:N_GLOBAL], stack[N_GLOBAL:]
+    rows = slice(rank * n, (rank + 1) * n)
+    return torch.cat([view1[rows], view2[rows]])
+
+
+def _step(method: torch.nn.Module, stacks: list[torch.Tensor], n: int) -> dict[str, torch.Tensor]:
+    losses = method.loss_from_views(stacks, n)  # type: ignore[operator]
+    losses["loss"].backward()
+    result = {f"loss/{k}": v.detach() for k, v in losses.items()}
+    for name, p in method.named_parameters():
+        if p.grad is not None:
+            result[f"grad/{name}"] = p.grad.detach().clone()
+    if isinstance(method, MoCo):
+        result["queue"] = method.queue.oldest_first().clone()
+    return result
+
+
+def _worker(rank: int, world: int, port: int, method_name: str, out: str) -> None:
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        method, stacks = _setup(method_name)
+        result = _step(method, [_local(s, rank, world) for s in stacks], N_GLOBAL // world)
+        for key, value in result.items():
+            if key.startswith(("loss/", "grad/")):  # DDP averages gradients; losses are means
+                dist.all_reduce(value)
+                value /= world
+        if rank == 0:
+            torch.save(result, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("method_name", ["simclr", "care", "moco", "care_moco"])
+def test_two_ranks_give_the_loss_and_gradients_of_one(method_name: str, tmp_path: Path) -> None:
+    out = tmp_path / "ranks.pt"
+    mp.start_processes(
+        _worker,
+        args=(2, _free_port(), method_name, str(out)),
+        nprocs=2,
+        start_method="spawn",
+    )
+    two = torch.load(out, weights_only=True)
+    method, stacks = _setup(method_name)
+    one = _step(method, stacks, N_GLOBAL)
+    assert set(two) == set(one)
+    grads = [k for k in one if k.startswith("grad/")]
+    assert len(grads) > 10 and any(one[k].abs().max() > 0 for k in grads)
+    for key in one:
+        assert torch.allclose(two[key], one[key], atol=TOLERANCE, rtol=1e-8), key
+
+
+def _gather_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        x = torch.full((2, 3), float(rank + 1), requires_grad=True)
+        gathered = gather_with_grad(x)
+        weights = torch.arange(gathered.numel(), dtype=torch.float32).reshape(gathered.shape)
+        (gathered * weights * (rank + 1)).sum().backward()
+        assert x.grad is not None
+        torch.save({"gathered": gathered.detach(), "grad": x.grad}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gather_with_grad_sums_every_ranks_gradient(tmp_path: Path) -> None:
+    """d/dx_r Σ_s L_s, where rank s weights the gathered rows by (s + 1): the sum over ranks."""
+    out = str(tmp_path / "gather")
+    mp.start_processes(_gather_worker, args=(2, _free_port(), out), nprocs=2, start_method="spawn")
+    weights = torch.arange(12, dtype=torch.float32).reshape(4, 3)
+    for rank in range(2):
+        result = torch.load(f"{out}.{rank}", weights_only=True)
+        assert torch.equal(result["gathered"], torch.tensor([[1.0] * 3] * 2 + [[2.0] * 3] * 2))
+        expected = (1 + 2) * weights[2 * rank : 2 * rank + 2]
+        assert torch.equal(result["grad"], expected)
+
+
+def _pretrain_command(root: Path, out: Path, *extra: str) -> list[str]:
+    args = tiny(root, out, "accelerator=cpu", "devices=2", "strategy=ddp", "batch_size=16")
+    return [sys.executable, "-m", "care", "pretrain", *args, *extra]
+
+
+def _run(command: list[str], timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_cli_pretrains_on_two_cpu_processes_and_resumes(fake_fmnist: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    done = _run(_pretrain_command(fake_fmnist, out, "epochs=1"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["global_batch"] == 32
+    assert summary["steps"] == 4  # 128 images / (2 ranks × 16)
+    assert done.stdout.count("run written to") == 1  # rank 0 alone reports and writes
+    resumed = _run(_pretrain_command(fake_fmnist, out, "epochs=2", "resume=true"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads((out / "summary.json").read_text())["steps"] == 8
+
+
+def test_killed_two_process_run_resumes(fake_fmnist: Path, tmp_path: Path) -> None:
+    out = tmp_path / "killed"
+    command = _pretrain_command(fake_fmnist, out, "epochs=6", "knn_every=0")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
+    )
+    checkpoint = out / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 180
+    while not checkpoint.is_file() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)  # both ranks, mid-run
+    process.wait()
+    assert checkpoint.is_file() and not (out / "summary.json").exists()
+    resumed = _run([*command, "resume=true"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads((out / "summary.json").read_text())["steps"] == 6 * 4
