@@ -143,9 +143,12 @@ def test_gather_with_grad_sums_every_ranks_gradient(tmp_path: Path) -> None:
         assert torch.equal(result["grad"], expected)
 
 
-def _pretrain_command(root: Path, out: Path, *extra: str) -> list[str]:
-    args = tiny(root, out, "accelerator=cpu", "devices=2", "strategy=ddp", "batch_size=16")
-    return [sys.executable, "-m", "care", "pretrain", *args, *extra]
+def _pretrain_command(root: Path | None, out: Path, *extra: str) -> list[str]:
+    """Two gloo processes; ``root=None`` reads the real Fashion-MNIST (`make data` installs it)."""
+    args = tiny(root or Path("."), out, "accelerator=cpu", "devices=2", "strategy=ddp")
+    if root is None:
+        args = [a for a in args if not a.startswith("data_root=")] + ["train_samples=128"]
+    return [sys.executable, "-m", "care", "pretrain", *args, "batch_size=16", *extra]
 
 
 def _run(command: list[str], timeout: float = 240) -> subprocess.CompletedProcess[str]:
@@ -153,15 +156,15 @@ def _run(command: list[str], timeout: float = 240) -> subprocess.CompletedProces
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def test_cli_pretrains_on_two_cpu_processes_and_resumes(fake_fmnist: Path, tmp_path: Path) -> None:
+def test_cli_pretrains_fashion_mnist_on_two_cpu_processes_and_resumes(tmp_path: Path) -> None:
     out = tmp_path / "ddp"
-    done = _run(_pretrain_command(fake_fmnist, out, "epochs=1"))
+    done = _run(_pretrain_command(None, out, "epochs=1"))
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["global_batch"] == 32
     assert summary["steps"] == 4  # 128 images / (2 ranks × 16)
     assert done.stdout.count("run written to") == 1  # rank 0 alone reports and writes
-    resumed = _run(_pretrain_command(fake_fmnist, out, "epochs=2", "resume=true"))
+    resumed = _run(_pretrain_command(None, out, "epochs=2", "resume=true"))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert json.loads((out / "summary.json").read_text())["steps"] == 8
 

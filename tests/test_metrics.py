@@ -10,11 +10,19 @@ import pytest
 import torch
 from scipy.linalg import orthogonal_procrustes
 
+from care.geometry import (
+    form_matrix,
+    lift_to_hyperboloid,
+    random_lorentz,
+    random_symplectic,
+)
 from care.metrics import (
     EquivarianceReport,
+    GroupFitResult,
     WahbaResult,
     composition_error,
     equivariance_report,
+    group_fit,
     linear_fit,
     parameter_probe,
     relative_equivariance,
@@ -334,3 +342,77 @@ def test_parameter_probe() -> None:
     assert again == first
     with pytest.raises(ValueError, match="names"):
         parameter_probe(Z, Z_a, targets, names[:2])
+
+
+# ---------------------------------------------------------------------------------------------
+# Group fit for a bilinear form (Section 3.2)
+# ---------------------------------------------------------------------------------------------
+
+
+def hyperboloid_points(n: int, d: int, seed: int) -> torch.Tensor:
+    return lift_to_hyperboloid(random_embeddings(n, d - 1, seed))
+
+
+@pytest.mark.parametrize("form", ["minkowski", "symplectic", "euclidean"])
+def test_group_fit_exact_group_element(form: str) -> None:
+    d = 6
+    if form == "minkowski":
+        M = random_lorentz(d, _gen(1), max_rapidity=2.0)
+        F = hyperboloid_points(60, d, 2)
+    elif form == "symplectic":
+        M = random_symplectic(d, _gen(1), scale=1.0)
+        F = random_embeddings(60, d, 2)
+    else:
+        M = random_rotation(d, 1)
+        F = random_embeddings(60, d, 2)
+    fit = group_fit(F.float(), (F @ M.T).float(), form)
+    assert isinstance(fit, GroupFitResult)
+    assert fit.residual < 1e-5
+    assert fit.deviation < 1e-4 and fit.relative_deviation < 1e-4
+    assert torch.allclose(fit.matrix, M, atol=1e-4)
+    fit64 = group_fit(F, F @ M.T, form_matrix(form, d))  # the matrix J works like its name
+    assert fit64.residual < 1e-12 and fit64.deviation < 1e-10
+    assert set(fit64.as_dict()) == {"residual", "deviation", "relative_deviation"}
+
+
+def test_group_fit_non_group_linear_map_has_zero_residual_but_deviates() -> None:
+    d = 6
+    F = hyperboloid_points(60, d, 3)
+    A = random_embeddings(d, d, 4)  # a generic linear map
+    fit = group_fit(F, F @ A.T, "minkowski")
+    assert fit.residual < 1e-10
+    assert fit.deviation > 0.1
+    J = form_matrix("minkowski", d)
+    expected = float(torch.linalg.vector_norm(A.T @ J @ A - J))
+    assert fit.deviation == pytest.approx(expected, rel=1e-8)
+    assert fit.relative_deviation == pytest.approx(expected / math.sqrt(d), rel=1e-8)
+    # an orthogonal map that mixes x0 with a spatial axis is not a Lorentz map either
+    mixing = random_rotation(d, 5)
+    assert group_fit(F, F @ mixing.T, "minkowski").deviation > 0.1
+
+
+def test_group_fit_residual_grows_with_noise() -> None:
+    d = 5
+    F = hyperboloid_points(80, d, 6)
+    M = random_lorentz(d, _gen(7))
+    clean = F @ M.T
+    residuals = [
+        group_fit(F, clean + s * random_embeddings(80, d, 8), "minkowski").residual
+        for s in (0.0, 0.01, 0.1)
+    ]
+    assert residuals[0] < 1e-10 < residuals[1] < residuals[2]
+    # equals the plain least-squares residual
+    noisy = clean + 0.1 * random_embeddings(80, d, 8)
+    assert residuals[2] == pytest.approx(linear_fit(F, noisy)[1], rel=1e-10)
+
+
+def test_group_fit_bad_inputs_raise() -> None:
+    F = random_embeddings(10, 5, 9)
+    with pytest.raises(ValueError, match="even"):
+        group_fit(F, F, "symplectic")
+    with pytest.raises(ValueError, match="unknown bilinear form"):
+        group_fit(F, F, "spherical")
+    with pytest.raises(ValueError, match="same"):
+        group_fit(F, F[:, :4], "minkowski")
+    with pytest.raises(ValueError, match="NaN"):
+        group_fit(F, F * float("nan"), "minkowski")

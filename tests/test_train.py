@@ -101,7 +101,7 @@ def test_existing_run_needs_resume(fake_fmnist: Path, tmp_path: Path) -> None:
 
 
 def test_too_few_images_for_a_batch(fake_fmnist: Path, tmp_path: Path) -> None:
-    with pytest.raises(CareError, match="fewer than one batch"):
+    with pytest.raises(CareError, match="fewer than one global batch"):
         pretrain(load_config(None, tiny(fake_fmnist, tmp_path / "r", "train_samples=16")))
 
 

@@ -97,18 +97,30 @@ def _print_equivariance(payload: dict[str, object]) -> None:
     from rich.table import Table
 
     table = Table(title=f"Equivariance over {payload['trials']} trials ({payload['layer']} layer)")
-    for column in ("run", "W_SO/√n mean", "worst", "W ÷ inv. dist.", "γ_f", "composition"):
+    results = payload["results"]
+    # Runs under another form (hyperboloid, symplectic) also report the best linear fit Λ.
+    group_fit = any("group_fit_residual_mean" in r["summary"] for r in results)  # type: ignore[attr-defined]
+    columns = ["run", "W_SO/√n mean", "worst", "W ÷ inv. dist.", "γ_f", "composition"]
+    if group_fit:
+        columns += ["linear fit/√n", "‖ΛᵀJΛ−J‖/‖J‖"]
+    for column in columns:
         table.add_column(column)
-    for run, res in zip(payload["runs"], payload["results"], strict=True):  # type: ignore[call-overload]
+    for run, res in zip(payload["runs"], results, strict=True):  # type: ignore[call-overload]
         s = res["summary"]
-        table.add_row(
+        row = [
             run,
             f"{s['wahba_so_mean']:.4f}",
             f"{s['wahba_so_worst']:.4f}",
             f"{s['wahba_so_ratio_mean']:.3f}",
             f"{s['gamma_mean']:.4f}",
             f"{s.get('composition_error_mean', float('nan')):.4f}",
-        )
+        ]
+        if group_fit:
+            row += [
+                f"{s.get('group_fit_residual_mean', float('nan')):.4f}",
+                f"{s.get('group_deviation_relative_mean', float('nan')):.4f}",
+            ]
+        table.add_row(*row)
     Console().print(table)
     if "lower_in_trials" in payload:
         print(

@@ -246,6 +246,11 @@ def validate(cfg: Config) -> None:
     )
     if cfg.equi_form == "symplectic":
         _require(
+            cfg.embedding == "sphere",
+            "equi_form=symplectic needs embedding=sphere (the hyperboloid's form is minkowski): "
+            "set embedding=sphere or equi_form=auto",
+        )
+        _require(
             cfg.head_out % 2 == 0,
             f"equi_form=symplectic needs an even embedding size, got head_out={cfg.head_out}: "
             "choose an even head_out",

@@ -1,7 +1,9 @@
 """Losses of CARE (paper, Section 3): InfoNCE = L_inv + L_unif, and the equivariance loss L_equi.
 
 All functions are pure: they take embeddings and return scalar tensors. Embeddings are rows
-(``(N, d)`` tensors); for the spherical losses they are expected to be L2-normalised.
+(``(N, d)`` tensors); for the spherical losses they are expected to be L2-normalised, for the
+hyperbolic ones (``similarity="lorentz"``) to lie on the hyperboloid (:mod:`care.geometry`).
+L_equi takes any bilinear form (paper, Sec. 3.2).
 """
 
 from __future__ import annotations
@@ -12,6 +14,11 @@ import torch
 from torch import Tensor
 
 from care.errors import CareError
+from care.geometry import Form, apply_form, check_form
+
+SIMILARITIES = ("dot", "lorentz")
+"""InfoNCE similarities: ``dot`` (cosine on the sphere), ``lorentz`` (``-d_L²/2`` on the
+hyperboloid)."""
 
 
 @dataclass(frozen=True)
@@ -48,12 +55,22 @@ def info_nce_terms(
     candidates1: Tensor | None = None,
     candidates2: Tensor | None = None,
     offset: int = 0,
+    similarity: str = "dot",
+    curvature: float = 1.0,
 ) -> InfoNCETerms:
     """NT-Xent (SimCLR) over the 2N samples, split into ``inv`` and ``unif``.
 
     Sample ``i`` of view 1 has the positive ``i`` of view 2 and the 2N - 2 other samples as negatives
-    (and symmetrically). The loss is averaged over all 2N anchors. Similarities are dot products, so
-    pass L2-normalised embeddings for cosine similarity.
+    (and symmetrically). The loss is averaged over all 2N anchors. The logits are ``s(x, y) / τ``:
+
+    - ``similarity="dot"``: ``s = xᵀy``; pass L2-normalised embeddings for cosine similarity.
+    - ``similarity="lorentz"`` (paper, Sec. 3.2): rows on the hyperboloid of curvature ``-c``
+      (``curvature``), ``s = -d_L²(x, y)/2 = 1/c + ⟨x, y⟩_L``, minus half the squared Lorentzian
+      distance (Law et al., 2019). It is the sphere's ``xᵀy = 1 - |x - y|²/2`` with the squared
+      chord replaced, a polynomial in the coordinates (finite gradients at ``x = y``, where the
+      geodesic distance's ``arcosh`` has an infinite one), and with the head's soft clip
+      (:func:`care.models.heads.to_hyperboloid`) its range ``[-2r², 0]`` matches the cosine's for
+      ``r = 1``, so the temperature carries over.
 
     ``candidates1``/``candidates2`` (optional) are the rows that anchors are compared against, e.g.
     both views gathered from all ranks under DDP; the local rows then sit at ``offset`` in them.
@@ -61,13 +78,21 @@ def info_nce_terms(
     _check_pair(z1, z2)
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"similarity must be one of {list(SIMILARITIES)}, got {similarity!r}")
+    if similarity == "lorentz" and not curvature > 0:
+        raise ValueError(f"curvature must be positive, got {curvature}")
     n = z1.shape[0]
     c1 = z1 if candidates1 is None else candidates1
     c2 = z2 if candidates2 is None else candidates2
     anchors = _full_precision(torch.cat([z1, z2]))  # (2n, d)
     candidates = _full_precision(torch.cat([c1, c2]))  # (2M, d)
     m = c1.shape[0]
-    logits = anchors @ candidates.T / temperature  # (2n, 2M)
+    if similarity == "lorentz":
+        # -d_L²/2 = 1/c + <x, y>_L, with the Minkowski form applied by negating coordinate 0.
+        logits = (apply_form(anchors, "minkowski") @ candidates.T + 1.0 / curvature) / temperature
+    else:
+        logits = anchors @ candidates.T / temperature  # (2n, 2M)
     rows = torch.arange(2 * n, device=z1.device)
     local = torch.arange(n, device=z1.device) + offset
     self_cols = torch.cat([local, local + m])
@@ -81,19 +106,40 @@ def info_nce_terms(
     return InfoNCETerms(inv=inv, unif=unif)
 
 
-def info_nce(z1: Tensor, z2: Tensor, temperature: float) -> Tensor:
-    """NT-Xent loss L_InfoNCE = L_inv + L_unif (paper, Sec. 3; Chen et al., 2020)."""
-    return info_nce_terms(z1, z2, temperature).total
+def info_nce(
+    z1: Tensor,
+    z2: Tensor,
+    temperature: float,
+    *,
+    similarity: str = "dot",
+    curvature: float = 1.0,
+) -> Tensor:
+    """NT-Xent loss L_InfoNCE = L_inv + L_unif (paper, Sec. 3; Chen et al., 2020).
+
+    ``similarity`` and ``curvature`` as in :func:`info_nce_terms`.
+    """
+    return info_nce_terms(z1, z2, temperature, similarity=similarity, curvature=curvature).total
 
 
-def equivariance_loss(z1: Tensor, z2: Tensor, group_size: int) -> Tensor:
-    """L_equi (paper, Sec. 3) on groups of ``group_size`` consecutive rows.
+def equivariance_loss(
+    z1: Tensor, z2: Tensor, group_size: int, *, form: Form = "euclidean"
+) -> Tensor:
+    """L_equi (paper, Sec. 3 and 3.2) on groups of ``group_size`` consecutive rows.
 
     Rows ``g*m .. g*m+m-1`` of ``z1`` are one group under augmentation ``a_g`` and the same rows of
     ``z2`` the group under ``a'_g``. Per group the loss is
-    ``(2/m) · Σ_{i≠j} (<z_i, z_j> - <z'_i, z'_j>)²`` (the official implementation's scale, so the
-    paper's λ values carry over), averaged over groups. It is zero exactly when the Gram matrices
-    agree, e.g. when ``z2 = z1 @ Q.T`` for an orthogonal ``Q`` per group. Batched, no Python loop.
+    ``(2/m) · Σ_{i≠j} (B(z_i, z_j) - B(z'_i, z'_j))²`` (the official implementation's scale, so the
+    paper's λ values carry over), averaged over groups, with the bilinear form
+    ``B(x, y) = xᵀ J y`` named by ``form`` (:mod:`care.geometry`): ``"euclidean"`` (``J = I``, the
+    paper's ``<z_i, z_j>``, group ``O(d)``), ``"minkowski"`` (``J = diag(-1, 1, …, 1)``, Lorentz
+    group ``O(1, d-1)``), ``"symplectic"`` (``J = [[0, I], [-I, 0]]``, ``Sp(d)``, even ``d``) or a
+    ``(d, d)`` tensor ``J``. It is zero exactly when the groups' Gram matrices under ``B`` agree,
+    e.g. when ``z2 = z1 @ Λ.T`` with ``ΛᵀJΛ = J`` per group. Batched, no Python loop; the
+    euclidean form costs no extra multiply.
+
+    Raises:
+        CareError: batch not divisible into groups, unknown form, a ``J`` of the wrong shape, or
+            the symplectic form on an odd embedding size.
     """
     _check_pair(z1, z2)
     n, d = z1.shape
@@ -102,11 +148,15 @@ def equivariance_loss(z1: Tensor, z2: Tensor, group_size: int) -> Tensor:
             f"{n} embeddings do not split into groups of group_size={group_size}: "
             "choose a batch_size divisible by group_size (and group_size >= 2)"
         )
+    check_form(form, d)
     groups = n // group_size
     a = _full_precision(z1).reshape(groups, group_size, d)
     b = _full_precision(z2).reshape(groups, group_size, d)
-    diff = a @ a.transpose(1, 2) - b @ b.transpose(1, 2)  # (G, m, m)
-    # The diagonal holds <z_i, z_i> - <z'_i, z'_i>; the sum runs over i != j only.
+    if isinstance(form, str) and form == "euclidean":
+        diff = a @ a.transpose(1, 2) - b @ b.transpose(1, 2)  # (G, m, m)
+    else:
+        diff = apply_form(a, form) @ a.transpose(1, 2) - apply_form(b, form) @ b.transpose(1, 2)
+    # The diagonal holds B(z_i, z_i) - B(z'_i, z'_i); the sum runs over i != j only.
     squared = diff.square().sum(dim=(1, 2)) - torch.diagonal(diff, dim1=1, dim2=2).square().sum(1)
     return (2.0 / group_size) * squared.mean()
 
@@ -120,13 +170,18 @@ def care_loss(
     temperature: float,
     weight: float,
     group_size: int,
+    form: Form = "euclidean",
+    similarity: str = "dot",
+    curvature: float = 1.0,
 ) -> Tensor:
-    """L_CARE = L_inv + L_unif + λ · L_equi (paper, Sec. 3).
+    """L_CARE = L_inv + L_unif + λ · L_equi (paper, Sec. 3; other geometries, Sec. 3.2).
 
     ``z1, z2`` are the two views for InfoNCE; ``e1, e2`` the two group-shared views for L_equi (pass
-    the same tensors for the ``views=shared`` variant).
+    the same tensors for the ``views=shared`` variant). ``form`` goes to :func:`equivariance_loss`,
+    ``similarity`` and ``curvature`` to :func:`info_nce_terms`.
     """
-    return info_nce(z1, z2, temperature) + weight * equivariance_loss(e1, e2, group_size)
+    contrastive = info_nce(z1, z2, temperature, similarity=similarity, curvature=curvature)
+    return contrastive + weight * equivariance_loss(e1, e2, group_size, form=form)
 
 
 def moco_terms(query: Tensor, key: Tensor, queue: Tensor, temperature: float) -> InfoNCETerms:

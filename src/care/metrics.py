@@ -2,7 +2,9 @@
 
 These measure how well one augmentation ``a`` acts on the embedding space as a single orthogonal
 map (CARE paper, Section 4, "Measuring orthogonal action on embedding space"), and whether such
-maps compose like a group action (Section 3.1, Corollary 1).
+maps compose like a group action (Section 3.1, Corollary 1). For the other groups of Section 3.2
+(the stabilisers ``ΛᵀJΛ = J`` of a bilinear form, e.g. the Lorentz group on the hyperboloid),
+:func:`group_fit` is Wahba's analogue: the best linear map and its distance from the group.
 
 Convention: rows are samples
 ----------------------------
@@ -29,12 +31,16 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
+from care.geometry import Form, form_matrix
+
 __all__ = [
     "EquivarianceReport",
+    "GroupFitResult",
     "ProbeResult",
     "WahbaResult",
     "composition_error",
     "equivariance_report",
+    "group_fit",
     "linear_fit",
     "parameter_probe",
     "relative_equivariance",
@@ -211,6 +217,76 @@ def linear_fit(F: Tensor, F_a: Tensor) -> tuple[Tensor, float]:
     M = _lstsq(F64, Fa64).T
     res = float(torch.linalg.vector_norm(F64 @ M.T - Fa64).item())
     return M, res / math.sqrt(F64.shape[0])
+
+
+# --------------------------------------------------------------------------------------------
+# Fit within the group of a bilinear form (Section 3.2)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GroupFitResult:
+    """Best linear map for one augmentation and its distance from the group ``{Λ : ΛᵀJΛ = J}``.
+
+    Attributes:
+        residual: ``min_Λ ||F Λᵀ - F_a||_Fro / √n`` over all ``d × d`` matrices (the same value as
+            :func:`linear_fit`'s residual): how far ``a`` is from acting linearly at all.
+        deviation: ``||ΛᵀJΛ - J||_Fro`` for the least-squares ``Λ``: 0 when the fitted map lies in
+            the group (e.g. a Lorentz map for ``J = diag(-1, 1, …, 1)``).
+        relative_deviation: ``deviation / ||J||_Fro``, comparable across sizes and forms.
+        matrix: the fitted ``(d, d)`` float64 ``Λ`` with ``f(a(x)) ≈ Λ f(x)``.
+    """
+
+    residual: float
+    deviation: float
+    relative_deviation: float
+    matrix: Tensor
+
+    def as_dict(self) -> dict[str, float]:
+        """The three numbers, for JSON (without the matrix)."""
+        return {
+            "residual": self.residual,
+            "deviation": self.deviation,
+            "relative_deviation": self.relative_deviation,
+        }
+
+
+def group_fit(F: Tensor, F_a: Tensor, J: Form) -> GroupFitResult:
+    """Wahba's analogue for the group preserving ``B(x, y) = xᵀJy`` (paper, Sections 3.2 and 4).
+
+    For the Lorentz or symplectic group there is no closed-form Procrustes solution, so this fits
+    the unconstrained least-squares ``Λ`` (``F_a ≈ F Λᵀ``, rows = samples, as :func:`linear_fit`)
+    and reports two numbers: its residual per √n (does ``a`` act linearly?) and its distance from
+    the group, ``||ΛᵀJΛ - J||_Fro`` (is that linear action a symmetry of ``B``?). An exact group
+    action gives 0 for both; a linear map outside the group gives residual 0 but deviation > 0.
+
+    Args:
+        F: ``(n, d)`` embeddings of the original inputs.
+        F_a: ``(n, d)`` embeddings of the augmented inputs, same row order.
+        J: the form: a name (``"euclidean"``, ``"minkowski"``, ``"symplectic"``) or a ``(d, d)``
+            matrix (see :func:`care.geometry.form_matrix`).
+
+    With ``n < d`` samples (rank-deficient ``F``), ``Λ`` is the minimum-norm solution and the
+    deviation describes that choice, not an intrinsic property; use ``n > d``.
+
+    Raises:
+        ValueError: mismatched or non-2-D shapes, non-finite values, or an invalid form.
+    """
+    F64, Fa64 = _pair(F, F_a)
+    n, d = F64.shape
+    J64 = form_matrix(J, d, dtype=torch.float64, device=F64.device)
+    if not bool(torch.isfinite(J64).all()):
+        raise ValueError("J contains NaN or Inf values")
+    M = _lstsq(F64, Fa64).T
+    res = float(torch.linalg.vector_norm(F64 @ M.T - Fa64).item()) / math.sqrt(n)
+    dev = float(torch.linalg.vector_norm(M.T @ J64 @ M - J64).item())
+    norm_j = float(torch.linalg.vector_norm(J64).item())
+    return GroupFitResult(
+        residual=res,
+        deviation=dev,
+        relative_deviation=dev / norm_j if norm_j > 0 else 0.0,
+        matrix=M,
+    )
 
 
 # --------------------------------------------------------------------------------------------

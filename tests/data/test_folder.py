@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 from PIL import Image
 
 from care.data import FolderImages, load_dataset
+from care.data.folder import BUILTIN_CLASS_LISTS, LISTS_DIR, read_class_list, resolve_class_list
 from care.errors import CareError
 from tests.data.writers import rng_images, write_png
 
@@ -176,3 +178,43 @@ def test_corrupt_image(tmp_path: Path) -> None:
 def test_needs_explicit_root() -> None:
     with pytest.raises(CareError, match=r"imagefolder' needs an explicit folder.*data_root="):
         load_dataset("imagefolder", None, "train")
+
+
+def test_builtin_imagenet100_list_is_the_cmc_subset() -> None:
+    path = resolve_class_list("imagenet100")
+    assert path == LISTS_DIR / "imagenet100.txt" and path.is_file()
+    synsets = read_class_list(path)
+    assert len(synsets) == 100 == len(set(synsets))
+    assert all(re.fullmatch(r"n\d{8}", s) for s in synsets)
+    # first and last lines of github.com/HobbitLong/CMC/blob/master/imagenet100.txt
+    assert synsets[:3] == ["n02869837", "n01749939", "n02488291"]
+    assert synsets[-2:] == ["n01855672", "n02090622"]
+    assert "imagenet100" in BUILTIN_CLASS_LISTS
+
+
+def test_class_list_by_builtin_name(tmp_path: Path) -> None:
+    synsets = read_class_list(LISTS_DIR / "imagenet100.txt")
+    for i, s in enumerate(synsets):
+        write_png(tmp_path / "train" / s / "a.png", rng_images(i, (4, 4, 3)))
+        (tmp_path / "val" / s).mkdir(parents=True)  # a listed class needs a folder in every split
+    write_png(tmp_path / "train" / "n99999999" / "a.png", rng_images(0, (4, 4, 3)))  # not listed
+    write_png(tmp_path / "val" / synsets[5] / "v.png", rng_images(0, (4, 4, 3)))
+    ds = load_dataset("imagefolder", tmp_path, "train", load_size=4, class_list="imagenet100")
+    assert isinstance(ds, FolderImages)
+    assert ds.classes == synsets and len(ds) == 100 and ds.labels.tolist() == list(range(100))
+    test = load_dataset("imagefolder", tmp_path, "test", load_size=4, class_list="ImageNet100")
+    assert isinstance(test, FolderImages) and test.labels.tolist() == [5]
+
+
+def test_a_path_named_like_a_builtin_list_is_a_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_tree(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "imagenet100").write_text("dog\ncat\n")
+    assert resolve_class_list("./imagenet100") == Path("./imagenet100")
+    assert resolve_class_list(Path("imagenet100")) == Path("imagenet100")
+    ds = load_dataset("imagefolder", tmp_path, "train", load_size=8, class_list="./imagenet100")
+    assert isinstance(ds, FolderImages) and ds.classes == ["dog", "cat"]
+    with pytest.raises(CareError, match=r"class 'n02869837' in .*imagenet100.txt has no folder"):
+        load_dataset("imagefolder", tmp_path, "train", load_size=8, class_list="imagenet100")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -77,3 +79,61 @@ def test_backbone_layer_and_bad_settings(
     assert "layer" in capsys.readouterr().err
     assert main(["equivariance", str(care), "trials=x"]) == 2
     assert "trials" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------- other geometries (paper, Sec. 3.2)
+
+
+def _finite_losses(run: Path) -> list[float]:
+    with (run / "metrics.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    keys = [k for k in rows[0] if k.startswith("train/") and k != "train/lr"]
+    values = [float(r[k]) for r in rows for k in keys if r[k] not in ("", None)]
+    assert values and all(math.isfinite(v) for v in values)
+    return values
+
+
+@pytest.mark.parametrize(
+    ("extra", "embedding", "form"),
+    [
+        (("embedding=hyperboloid", "curvature=2.0"), "hyperboloid", "minkowski"),
+        (("equi_form=symplectic",), "sphere", "symplectic"),
+    ],
+)
+def test_other_geometries_train_and_report_the_group_fit(
+    fake_fmnist: Path,
+    tmp_path: Path,
+    extra: tuple[str, ...],
+    embedding: str,
+    form: str,
+) -> None:
+    run = tmp_path / "run"
+    settings = tiny(fake_fmnist, run, "method=care", "knn_every=0", "weight=1.0", *extra)
+    assert main(["pretrain", *settings]) == 0
+    _finite_losses(run)
+    assert main(["equivariance", str(run), "trials=2", "samples=40", "compositions=1"]) == 0
+    payload = json.loads((run / "equivariance.json").read_text())
+    assert payload["embeddings"] == [embedding] and payload["forms"] == [form]
+    res = payload["results"][0]
+    for trial in res["trials"]:
+        assert trial["d"] == (9 if embedding == "hyperboloid" else 8)  # head_out=8 (+ x0)
+        assert trial["group_fit_residual"] == pytest.approx(trial["linear_residual"], rel=1e-9)
+        assert trial["group_deviation"] >= 0.0
+        assert trial["group_deviation_relative"] == pytest.approx(
+            trial["group_deviation"] / math.sqrt(trial["d"]), rel=1e-9
+        )
+        assert all(math.isfinite(v) for v in trial.values() if isinstance(v, float))
+    for key in ("group_fit_residual", "group_deviation", "group_deviation_relative"):
+        assert math.isfinite(res["summary"][f"{key}_mean"])
+
+
+def test_sphere_runs_record_their_geometry_and_keep_their_fields(
+    two_runs: tuple[Path, Path],
+) -> None:
+    # a sphere run with the euclidean form keeps its outputs: Wahba only, no group-fit fields
+    care, _ = two_runs
+    assert main(["equivariance", str(care), "trials=1", "samples=40", "compositions=0"]) == 0
+    sphere = json.loads((care / "equivariance.json").read_text())
+    assert sphere["embeddings"] == ["sphere"] and sphere["forms"] == ["euclidean"]
+    assert not any(k.startswith("group") for k in sphere["results"][0]["trials"][0])
+    assert not any(k.startswith("group") for k in sphere["results"][0]["summary"])

@@ -5,6 +5,7 @@ import torch
 
 from care.errors import CareError
 from care.models import ProjectionHead, ResNet, to_sphere
+from care.models.heads import HYPERBOLOID_CLIP_RADIUS, embed_projection, to_hyperboloid
 
 
 @pytest.mark.parametrize(
@@ -60,3 +61,31 @@ def test_projection_head_layers_and_sphere() -> None:
     z = to_sphere(head(torch.randn(4, 64)))
     assert z.shape == (4, 16)
     assert torch.allclose(z.norm(dim=1), torch.ones(4), atol=1e-6)
+
+
+@pytest.mark.parametrize("curvature", [0.5, 1.0, 4.0])
+def test_to_hyperboloid_lifts_clipped_head_outputs(curvature: float) -> None:
+    z = (
+        torch.randn(16, 8, dtype=torch.float64)
+        * torch.logspace(-6, 3, 16, dtype=torch.float64)[:, None]
+    )
+    x = to_hyperboloid(z, curvature)
+    assert x.shape == (16, 9)
+    inner = -(x[:, 0] ** 2) + (x[:, 1:] ** 2).sum(1)
+    assert torch.allclose(inner, torch.full((16,), -1.0 / curvature, dtype=torch.float64))
+    assert (x[:, 1:].norm(dim=1) < HYPERBOLOID_CLIP_RADIUS).all()  # soft clip: |u| < r
+    assert torch.allclose(x[0, 1:], z[0], rtol=1e-9)  # the identity near the apex
+
+
+def test_to_hyperboloid_lifts_half_precision_in_float32() -> None:
+    x = to_hyperboloid(torch.randn(4, 8).bfloat16(), 1.0)
+    assert x.dtype == torch.float32
+    assert torch.allclose(-(x[:, 0] ** 2) + (x[:, 1:] ** 2).sum(1), -torch.ones(4), atol=1e-5)
+
+
+def test_embed_projection_dispatches_on_the_embedding() -> None:
+    z = torch.randn(4, 6)
+    assert torch.equal(embed_projection(z, "sphere"), to_sphere(z))
+    assert torch.equal(embed_projection(z, "hyperboloid", 2.0), to_hyperboloid(z, 2.0))
+    with pytest.raises(ValueError, match="embedding"):
+        embed_projection(z, "torus")

@@ -19,6 +19,24 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
 
 LAYOUT = "expected ROOT/train/<class>/*.jpg and ROOT/val/<class>/*.jpg"
 
+LISTS_DIR = Path(__file__).resolve().parent / "lists"
+"""Class lists shipped with the package (``care/data/lists/<name>.txt``)."""
+
+BUILTIN_CLASS_LISTS: dict[str, str] = {
+    "imagenet100": "the 100 ImageNet synsets of CMC (Tian et al., 2019), as in "
+    "github.com/HobbitLong/CMC/blob/master/imagenet100.txt; the paper's ImageNet100",
+}
+"""Names that ``class_list`` accepts instead of a path, with where each list comes from."""
+
+
+def resolve_class_list(value: str | Path) -> Path:
+    """The file a ``class_list`` setting names: a built-in list for a bare built-in name
+    (``imagenet100``), else the path itself (``./imagenet100`` forces a file of that name)."""
+    text = str(value)
+    if isinstance(value, str) and text.strip().lower() in BUILTIN_CLASS_LISTS:
+        return LISTS_DIR / f"{text.strip().lower()}.txt"
+    return Path(text).expanduser()
+
 
 class PathTable:
     """Many paths in two numpy arrays (no per-path Python objects, cheap to share with workers)."""

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from care.data.base import DatasetSpec, LabeledImages, LoadOptions
 from care.data.cifar import load_cifar
-from care.data.folder import load_imagefolder
+from care.data.folder import load_imagefolder, resolve_class_list
 from care.data.idx import load_mnist
 from care.data.stl10 import load_stl10
 from care.errors import CareError
@@ -136,7 +136,11 @@ def load_dataset(
     load_size: int | None = None,
     class_list: str | Path | None = None,
 ) -> LabeledImages:
-    """Read one split (``pretrain``, ``train`` or ``test``) of a registered dataset."""
+    """Read one split (``pretrain``, ``train`` or ``test``) of a registered dataset.
+
+    ``class_list`` (imagefolder only) is a file with one class folder per line, or the name of a
+    built-in list (``imagenet100``: the CMC ImageNet100 synsets).
+    """
     spec = get_spec(name)
     if split not in SPLITS:
         raise CareError(f"unknown split {split!r} for {spec.name}: use one of {', '.join(SPLITS)}")
@@ -157,6 +161,6 @@ def load_dataset(
         raise CareError(f"data_root {path} for {spec.name} is not a folder; pass data_root=PATH")
     options = LoadOptions(
         load_size=DEFAULT_LOAD_SIZE if load_size is None else load_size,
-        class_list=None if class_list is None else Path(class_list).expanduser(),
+        class_list=None if class_list is None else resolve_class_list(class_list),
     )
     return spec.loader(spec, path, split, options)

@@ -5,6 +5,12 @@ the evaluation images x. With F = f(x) and F_a = f(a(x)) (rows = samples) it rep
 error over SO(d) and O(d) per √n, the least-squares residual, the invariance distance and W_f
 divided by it, and γ_f. In compare mode both models see the same augmentation in each trial.
 It also measures composition consistency (Corollary 1) and augmentation-parameter probes.
+
+A run embeds with its own geometry (``embedding``: sphere or hyperboloid; paper, Sec. 3.2). When
+its L_equi form is not euclidean (a hyperboloid run, or ``equi_form=symplectic``), each trial
+also reports Wahba's analogue for the form's group (:func:`care.metrics.group_fit`): the
+least-squares residual and the fitted map's distance ``||ΛᵀJΛ - J||_F`` from the group. The
+Wahba fields are then computed in the ambient coordinates, as a Euclidean reference.
 """
 
 from __future__ import annotations
@@ -22,12 +28,14 @@ from care.config import Config
 from care.data import LabeledImages
 from care.errors import CareError
 from care.methods import DataInfo
-from care.metrics import composition_error, equivariance_report, parameter_probe
-from care.models import ProjectionHead, ResNet, to_sphere
+from care.metrics import composition_error, equivariance_report, group_fit, parameter_probe
+from care.models import ProjectionHead, ResNet
+from care.models.heads import embed_projection
 from care.runs import RunDir, atomic_write_json, json_ready, load_weights
 from care.train import data_info, load_split
 
 LAYERS = ("projection", "backbone")
+GROUP_FIT_KEYS = ("group_fit_residual", "group_deviation", "group_deviation_relative")
 
 
 @dataclass
@@ -47,9 +55,21 @@ class Encoder:
         out = [self.module(x[i : i + batch_size]).double() for i in range(0, len(x), batch_size)]
         return torch.cat(out).cpu()
 
+    @property
+    def embedding(self) -> str:
+        """Where the measured features live: the run's ``embedding``, or ``none`` (backbone)."""
+        return self.cfg.embedding if self.layer == "projection" else "none"
+
+    @property
+    def form(self) -> str:
+        """The bilinear form whose group is measured: the run's L_equi form on the projection
+        layer, euclidean on the backbone features."""
+        return self.cfg.form if self.layer == "projection" else "euclidean"
+
 
 def load_encoder(run_dir: str | Path, layer: str = "projection") -> tuple[Encoder, LabeledImages]:
-    """The run's encoder (sphere-normalised projection, or backbone features) and its data."""
+    """The run's encoder (projection on its sphere or hyperboloid, or backbone features) and its
+    data."""
     if layer not in LAYERS:
         raise CareError(f"bad value for 'layer': {layer!r}; choose one of {list(LAYERS)}")
     run = RunDir(run_dir)
@@ -62,13 +82,19 @@ def load_encoder(run_dir: str | Path, layer: str = "projection") -> tuple[Encode
     if layer == "projection":
         head = ProjectionHead(backbone.feature_dim, cfg.head_hidden, cfg.head_out)
         load_weights(head, run.head)
-        module = nn.Sequential(backbone, head, _Sphere())
+        module = nn.Sequential(backbone, head, _Embedding(cfg.embedding, cfg.curvature))
     return Encoder(run, cfg, info, module, layer), dataset
 
 
-class _Sphere(nn.Module):
+class _Embedding(nn.Module):
+    """Head outputs onto the run's sphere or hyperboloid (:func:`embed_projection`)."""
+
+    def __init__(self, embedding: str, curvature: float) -> None:
+        super().__init__()
+        self.embedding, self.curvature = embedding, curvature
+
     def forward(self, z: Tensor) -> Tensor:
-        return to_sphere(z)
+        return embed_projection(z, self.embedding, self.curvature)
 
 
 def dominant_kind(p: AugParams) -> str:
@@ -120,7 +146,13 @@ def measure(
         params = one(gen)
         augmented = augmenter.apply(images, params)
         for enc, f, res in zip(encoders, base, results, strict=True):
-            report = equivariance_report(f, enc(augmented)).as_dict()
+            f_a = enc(augmented)
+            report = equivariance_report(f, f_a).as_dict()
+            if enc.form != "euclidean":
+                fit = group_fit(f, f_a, enc.form)
+                report["group_fit_residual"] = fit.residual
+                report["group_deviation"] = fit.deviation
+                report["group_deviation_relative"] = fit.relative_deviation
             res["trials"].append(
                 {
                     "trial": t,
@@ -148,7 +180,8 @@ def measure(
 
 
 def summarise(res: dict[str, Any]) -> dict[str, float]:
-    """Means and worst cases over trials, and the mean composition error."""
+    """Means and worst cases over trials (with the group fit's where measured), and the mean
+    composition error."""
     trials = res["trials"]
     out: dict[str, float] = {}
     for key in (
@@ -158,7 +191,10 @@ def summarise(res: dict[str, Any]) -> dict[str, float]:
         "invariance_distance",
         "wahba_so_ratio",
         "gamma",
+        *GROUP_FIT_KEYS,
     ):
+        if key not in trials[0]:
+            continue
         values = [t[key] for t in trials]
         out[f"{key}_mean"] = sum(values) / len(values)
         out[f"{key}_worst"] = max(values)
@@ -204,6 +240,8 @@ def equivariance_command(
     payload = {
         "runs": [str(e.run.root) for e in encoders],
         "methods": [e.cfg.method for e in encoders],
+        "embeddings": [e.embedding for e in encoders],
+        "forms": [e.form for e in encoders],
         "layer": layer,
         "split": split,
         **measured,

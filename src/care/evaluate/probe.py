@@ -1,34 +1,47 @@
 """`care probe RUN_DIR`: frozen-backbone linear probe (3 seeds) and weighted kNN → probe.json.
 
-Protocol (paper, Appendix G): a linear classifier on frozen backbone features, trained with Adam
-(lr 1e-3, weight decay 1e-6). Features are extracted once from un-augmented images and
-standardised with the training set's mean and std (an affine map, so the probe stays linear);
-the reported accuracy is the test accuracy after the last epoch, with no model selection on test.
+Protocol (paper, Appendix G): a linear classifier on frozen backbone features. The optimiser is
+``probe_optimizer``: ``adam`` (the CIFAR/STL10 protocol, lr 1e-3, weight decay 1e-6) or ``sgd``
+(momentum 0.9, no Nesterov; the ImageNet100 protocol, lr 30 dropped 10x at epochs 30, 40 and 50).
+``probe_milestones`` lists the epochs (counted from 0, as in the MoCo code) from which the lr is
+multiplied by 0.1 once more; empty means a constant lr. Features are extracted once from
+un-augmented images and standardised with the training set's mean and std (an affine map, so the
+probe stays linear); the reported accuracy is the test accuracy after the last epoch, with no
+model selection on test.
 """
 
 from __future__ import annotations
 
 import statistics
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 from torch import Tensor, nn
 
 from care.config import Config, validate
+from care.errors import CareError
 from care.evaluate.features import extract_features
 from care.evaluate.knn import weighted_knn_accuracy
 from care.models import ResNet
 from care.runs import RunDir, atomic_write_json, load_weights
 from care.train import data_info, load_split
 
+PROBE_MOMENTUM = 0.9
+"""Momentum of the SGD probe (MoCo's ``main_lincls.py``); Nesterov is off."""
+
 PROBE_KEYS = (
     "probe_epochs",
     "probe_seeds",
+    "probe_optimizer",
     "probe_lr",
+    "probe_milestones",
     "probe_weight_decay",
     "probe_batch_size",
     "knn_k",
@@ -46,6 +59,15 @@ class ProbeResult:
     epochs: int
     lr: float
     weight_decay: float
+    optimizer: str = "adam"
+    milestones: tuple[int, ...] = ()
+    momentum: float | None = None  # SGD only
+    batch_size: int = 256
+
+
+def probe_lr_at(epoch: int, lr: float, milestones: Sequence[int]) -> float:
+    """The probe's lr during ``epoch`` (0-based): ``lr`` times 0.1 per milestone <= ``epoch``."""
+    return lr * 0.1 ** sum(1 for m in milestones if epoch >= m)
 
 
 def train_linear_probe(
@@ -60,23 +82,43 @@ def train_linear_probe(
     weight_decay: float = 1e-6,
     batch_size: int = 256,
     seed: int = 0,
+    optimizer: str = "adam",
+    milestones: Sequence[int] = (),
 ) -> float:
-    """Test accuracy (in [0, 1]) of a linear classifier trained with Adam on fixed features."""
+    """Test accuracy (in [0, 1]) of a linear classifier trained on fixed features.
+
+    ``optimizer`` is ``adam`` or ``sgd`` (momentum 0.9); the lr of epoch ``e`` is
+    :func:`probe_lr_at` ``(e, lr, milestones)``.
+    """
     mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
     train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     classifier = nn.Linear(train_x.shape[1], num_classes)
-    optimizer = torch.optim.Adam(classifier.parameters(), lr=lr, weight_decay=weight_decay)
+    opt: torch.optim.Optimizer
+    if optimizer == "adam":
+        opt = torch.optim.Adam(classifier.parameters(), lr=lr, weight_decay=weight_decay)
+    elif optimizer == "sgd":
+        opt = torch.optim.SGD(
+            classifier.parameters(),
+            lr=lr,
+            momentum=PROBE_MOMENTUM,
+            nesterov=False,
+            weight_decay=weight_decay,
+        )
+    else:
+        raise CareError(f"bad value for 'probe_optimizer': {optimizer!r}; choose adam or sgd")
     labels = train_y.long()
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        for group in opt.param_groups:
+            group["lr"] = probe_lr_at(epoch, lr, milestones)
         order = torch.randperm(train_x.shape[0], generator=gen)
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             loss = nn.functional.cross_entropy(classifier(train_x[idx]), labels[idx])
-            optimizer.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
+            opt.step()
     with torch.no_grad():
         predicted = classifier(test_x).argmax(1)
     return (predicted == test_y.long()).float().mean().item()
@@ -101,6 +143,8 @@ def linear_probe(
                 weight_decay=cfg.probe_weight_decay,
                 batch_size=cfg.probe_batch_size,
                 seed=seed,
+                optimizer=cfg.probe_optimizer,
+                milestones=cfg.probe_milestones,
             )
             accuracies.append(100.0 * accuracy)
             progress.advance(task)
@@ -112,6 +156,10 @@ def linear_probe(
         cfg.probe_epochs,
         cfg.probe_lr,
         cfg.probe_weight_decay,
+        optimizer=cfg.probe_optimizer,
+        milestones=tuple(cfg.probe_milestones),
+        momentum=PROBE_MOMENTUM if cfg.probe_optimizer == "sgd" else None,
+        batch_size=cfg.probe_batch_size,
     )
 
 
@@ -121,13 +169,28 @@ def _device(cfg: Config) -> torch.device:
     return torch.device("cpu")
 
 
+def with_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """``cfg`` with ``overrides`` (plain values or OmegaConf nodes from the CLI), type-checked
+    against the schema (``probe_milestones=[30,40,50]`` becomes a list of ints) and validated."""
+    if not overrides:
+        validate(cfg)
+        return cfg
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(cfg), OmegaConf.create(dict(overrides)))
+        result = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CareError(f"bad value for '{key}': {first}") from None
+    assert isinstance(result, Config)
+    validate(result)
+    return result
+
+
 def probe_run(run_dir: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Evaluate a finished run's backbone; writes and returns ``probe.json``'s content."""
     run = RunDir(run_dir)
-    cfg = run.read_config()
-    for key, value in (overrides or {}).items():
-        setattr(cfg, key, value)
-    validate(cfg)
+    cfg = with_overrides(run.read_config(), overrides or {})
     train_set, test_set = load_split(cfg, "train"), load_split(cfg, "test")
     info = data_info(cfg, train_set)
     backbone = ResNet(cfg.backbone, in_channels=info.channels, stem=cfg.stem, widths=cfg.widths)

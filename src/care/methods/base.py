@@ -21,7 +21,8 @@ from care.config import Config
 from care.distributed import any_rank, gather_with_grad, rank_and_world
 from care.errors import CareError
 from care.losses import InfoNCETerms, equivariance_loss, info_nce_terms
-from care.models import ProjectionHead, ResNet, to_sphere
+from care.models import ProjectionHead, ResNet
+from care.models.heads import embed_projection
 
 
 @dataclass(frozen=True)
@@ -68,13 +69,15 @@ class ContrastiveMethod(L.LightningModule):
 
     # ----------------------------------------------------------- the encoder
     def embed(self, x: Tensor) -> Tensor:
-        """f(x) on the unit sphere: normalised projection of the backbone features."""
-        return to_sphere(self.head(self.backbone(x)))
+        """f(x): the backbone features' projection on the unit sphere, or lifted onto the
+        hyperboloid of curvature ``-c`` (``cfg.embedding``, ``cfg.curvature``; paper, Sec. 3.2)."""
+        return embed_projection(self.head(self.backbone(x)), self.cfg.embedding, self.cfg.curvature)
 
     # ------------------------------------------------- the losses' geometry
     def contrastive_terms(self, z1: Tensor, z2: Tensor) -> InfoNCETerms:
         """InfoNCE of two views (paper, Eq. 1). Under DDP each local anchor is compared with both
-        views of every rank's samples, gathered with gradients (:mod:`care.distributed`)."""
+        views of every rank's samples, gathered with gradients (:mod:`care.distributed`). On the
+        hyperboloid the similarity is ``-d_L²/2`` (:func:`care.losses.info_nce_terms`)."""
         rank, _ = rank_and_world()
         c1, c2 = gather_with_grad(z1), gather_with_grad(z2)
         return info_nce_terms(
@@ -84,11 +87,14 @@ class ContrastiveMethod(L.LightningModule):
             candidates1=c1,
             candidates2=c2,
             offset=rank * z1.shape[0],
+            similarity="lorentz" if self.cfg.embedding == "hyperboloid" else "dot",
+            curvature=self.cfg.curvature,
         )
 
     def equivariance(self, e1: Tensor, e2: Tensor) -> Tensor:
-        """L_equi (paper, Eq. 3) of two group-shared views; groups never span ranks."""
-        return equivariance_loss(e1, e2, self.cfg.group_size)
+        """L_equi (paper, Eq. 3) of two group-shared views under the bilinear form ``cfg.form``
+        (paper, Sec. 3.2); groups never span ranks."""
+        return equivariance_loss(e1, e2, self.cfg.group_size, form=self.cfg.form)
 
     def step_generator(self) -> torch.Generator:
         """CPU generator for this step's augmentation, seeded by (seed, step, rank)."""

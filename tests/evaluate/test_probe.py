@@ -1,0 +1,123 @@
+"""The linear probe's optimiser and lr schedule: Adam or SGD, lr × 0.1 at each milestone epoch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from care.cli import main
+from care.evaluate.probe import PROBE_KEYS, probe_lr_at, train_linear_probe
+from tests.conftest import tiny
+
+
+def test_lr_at_each_epoch_of_the_imagenet100_schedule() -> None:
+    lrs = [probe_lr_at(e, 30.0, [30, 40, 50]) for e in range(60)]
+    assert lrs[:30] == [30.0] * 30
+    assert lrs[30:40] == pytest.approx([3.0] * 10)
+    assert lrs[40:50] == pytest.approx([0.3] * 10)
+    assert lrs[50:] == pytest.approx([0.03] * 10)
+
+
+def test_no_milestones_is_a_constant_lr() -> None:
+    assert [probe_lr_at(e, 1e-3, []) for e in range(5)] == [1e-3] * 5
+    assert probe_lr_at(7, 2.0, [3, 3]) == pytest.approx(0.02)  # a repeated milestone drops twice
+
+
+def _features(n: int = 24, dim: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(n, dim, generator=gen), torch.arange(n) % 3
+
+
+def _record_steps(
+    monkeypatch: pytest.MonkeyPatch, cls: type[torch.optim.Optimizer]
+) -> list[tuple[torch.optim.Optimizer, float]]:
+    """Patch ``cls.step`` to record (optimiser, lr) at every step."""
+    seen: list[tuple[torch.optim.Optimizer, float]] = []
+    original: Any = cls.step
+
+    def step(self: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+        seen.append((self, float(self.param_groups[0]["lr"])))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "step", step)
+    return seen
+
+
+def test_sgd_probe_follows_the_schedule(monkeypatch: pytest.MonkeyPatch) -> None:
+    x, y = _features()
+    seen = _record_steps(monkeypatch, torch.optim.SGD)
+    accuracy = train_linear_probe(
+        x,
+        y,
+        x,
+        y,
+        3,
+        epochs=6,
+        lr=0.5,
+        weight_decay=1e-4,
+        batch_size=12,
+        optimizer="sgd",
+        milestones=[2, 4],
+    )
+    assert 0.0 <= accuracy <= 1.0
+    assert [lr for _, lr in seen] == pytest.approx([0.5] * 4 + [0.05] * 4 + [0.005] * 4)
+    optimizer = seen[0][0]
+    assert isinstance(optimizer, torch.optim.SGD)
+    group = optimizer.param_groups[0]
+    assert (group["momentum"], group["nesterov"], group["weight_decay"]) == (0.9, False, 1e-4)
+
+
+def test_adam_probe_is_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    x, y = _features()
+    seen = _record_steps(monkeypatch, torch.optim.Adam)
+    train_linear_probe(x, y, x, y, 3, epochs=3, lr=1e-3, weight_decay=1e-6, batch_size=24)
+    assert [lr for _, lr in seen] == [1e-3] * 3
+    assert isinstance(seen[0][0], torch.optim.Adam)
+    assert seen[0][0].param_groups[0]["weight_decay"] == 1e-6
+
+
+def test_both_keys_can_be_changed_by_care_probe() -> None:
+    assert {"probe_optimizer", "probe_milestones"} <= set(PROBE_KEYS)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(fake_fmnist: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("probe") / "run"
+    assert main(["pretrain", *tiny(fake_fmnist, out, "method=simclr", "knn_every=0")]) == 0
+    return out
+
+
+def test_care_probe_with_sgd_and_milestones_records_them(
+    tiny_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["probe", str(tiny_run), "probe_optimizer=sgd", "probe_lr=30", "probe_seeds=1"]
+    assert main([*argv, "probe_milestones=[1,2]", "probe_epochs=3"]) == 0
+    linear = json.loads((tiny_run / "probe.json").read_text())["linear"]
+    assert linear["optimizer"] == "sgd" and linear["momentum"] == 0.9
+    assert linear["milestones"] == [1, 2] and linear["lr"] == 30.0 and linear["epochs"] == 3
+    assert len(linear["per_seed"]) == 1
+    assert main(["probe", str(tiny_run), "probe_epochs=1", "probe_seeds=1"]) == 0
+    linear = json.loads((tiny_run / "probe.json").read_text())["linear"]
+    assert (linear["optimizer"], linear["milestones"], linear["momentum"]) == ("adam", [], None)
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize(
+    ("setting", "fragment"),
+    [
+        ("probe_optimizer=lbfgs", "choose one of ['adam', 'sgd']"),
+        ("probe_milestones=[0,3]", "'probe_milestones'"),
+        ("probe_milestones=30", "probe_milestones"),
+        ("probe_milestones=[a]", "probe_milestones"),
+    ],
+)
+def test_bad_probe_settings_fail_in_one_line(
+    tiny_run: Path, capsys: pytest.CaptureFixture[str], setting: str, fragment: str
+) -> None:
+    assert main(["probe", str(tiny_run), setting, "probe_epochs=1", "probe_seeds=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and fragment in err, err
