@@ -46,7 +46,7 @@ class Config:
     data_root: str | None = (
         None  # None: $CARE_DATA/<dataset>, ./data/<dataset>, /usr/share/datasets
     )
-    class_list: str | None = None  # imagefolder: file with one class folder per line
+    class_list: str | None = None  # imagefolder: file with one class per line, or imagenet100
     train_samples: int | None = None  # use only the first N pretraining images
     image_size: int | None = None  # crop output size; None: the dataset's native size
     load_size: int | None = None  # imagefolder: decode size before cropping (default 256)

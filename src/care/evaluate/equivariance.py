@@ -29,8 +29,7 @@ from care.data import LabeledImages
 from care.errors import CareError
 from care.methods import DataInfo
 from care.metrics import composition_error, equivariance_report, group_fit, parameter_probe
-from care.models import ProjectionHead, ResNet
-from care.models.heads import embed_projection
+from care.models import ProjectionHead, ResNet, embed_projection
 from care.runs import RunDir, atomic_write_json, json_ready, load_weights
 from care.train import data_info, load_split
 

@@ -21,8 +21,7 @@ from care.config import Config
 from care.distributed import any_rank, gather_with_grad, rank_and_world
 from care.errors import CareError
 from care.losses import InfoNCETerms, equivariance_loss, info_nce_terms
-from care.models import ProjectionHead, ResNet
-from care.models.heads import embed_projection
+from care.models import ProjectionHead, ResNet, embed_projection
 
 
 @dataclass(frozen=True)
