@@ -1,0 +1,309 @@
+"""Is CARE better than SimCLR at an equal budget? Accuracy and equivariance over seeds, and a λ sweep.
+
+A benchmark script, not a test. Every run is a real `care pretrain` (Fashion-MNIST CPU preset unless
+overridden), followed by `care probe` and `care equivariance RUN --against <simclr of the same seed>`
+(20 shared augmentation trials). Runs are resumable: a finished run, probe or equivariance file is
+reused, so the script can be stopped and started again.
+
+    python benchmarks/quality.py --stage main --seeds 3            # 5 methods × 3 seeds
+    python benchmarks/quality.py --stage sweep                     # λ sweep, both views, seed 0
+    python benchmarks/quality.py --stage long --weight 0.3 epochs=10   # best λ, longer budget
+    python benchmarks/quality.py --stage report                    # tables and plots only
+
+Settings after the options (`train_samples=20000 epochs=3`, the default budget) apply to every run.
+Outputs in --out: quality.json, quality.md, quality.png and lambda_sweep.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+#: Method variants of the main comparison: name → config overrides.
+VARIANTS: dict[str, list[str]] = {
+    "simclr": ["method=simclr"],
+    "care-separate": ["method=care", "views=separate"],
+    "care-shared": ["method=care", "views=shared"],
+    "moco": ["method=moco", "queue_size=4096", "temperature=0.2"],
+    "care_moco": ["method=care_moco", "views=separate", "queue_size=4096", "temperature=0.2"],
+}
+LAMBDAS = (0.01, 0.03, 0.1, 0.3, 1.0)
+DEFAULT_BUDGET = ["train_samples=20000", "epochs=3"]
+
+
+@dataclass
+class Run:
+    """One pretraining: where it goes and how it is configured."""
+
+    name: str
+    variant: str
+    seed: int
+    overrides: list[str]
+    weight: float | None = None
+    tags: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def method(self) -> str:
+        return next(o.split("=", 1)[1] for o in self.overrides if o.startswith("method="))
+
+
+def _care(*args: str) -> None:
+    command = [sys.executable, "-m", "care", *args]
+    print("$ care " + " ".join(args), flush=True)
+    done = subprocess.run(command)
+    if done.returncode != 0:
+        raise SystemExit(f"error: `care {' '.join(args)}` failed (exit {done.returncode})")
+
+
+def execute(run: Run, root: Path, baseline: Path | None, budget: list[str]) -> Path:
+    """Pretrain, probe and measure one run, skipping whatever already exists."""
+    out = root / run.name
+    if not (out / "summary.json").is_file():
+        _care(
+            "pretrain",
+            "--config",
+            "configs/fashion-mnist.yaml",
+            *budget,
+            *run.overrides,
+            f"seed={run.seed}",
+            f"out={out}",
+            "resume=true",
+        )
+    if not (out / "probe.json").is_file():
+        _care("probe", str(out))
+    if not (out / "equivariance.json").is_file():
+        against = ["--against", str(baseline)] if baseline is not None and baseline != out else []
+        _care("equivariance", str(out), *against, "trials=20")
+    return out
+
+
+def collect(run: Run, out: Path) -> dict[str, Any]:
+    """The figures of one finished run."""
+    summary = json.loads((out / "summary.json").read_text())
+    probe = json.loads((out / "probe.json").read_text())
+    equi = json.loads((out / "equivariance.json").read_text())
+    mine = equi["results"][0]["summary"]
+    row: dict[str, Any] = {
+        "run": str(out),
+        "variant": run.variant,
+        "seed": run.seed,
+        "weight": run.weight,
+        "linear": probe["linear"]["mean"],
+        "linear_std_over_probe_seeds": probe["linear"]["std"],
+        "knn": probe["knn"]["accuracy"],
+        "wahba": mine["wahba_so_mean"],
+        "wahba_ratio": mine["wahba_so_ratio_mean"],
+        "gamma": mine["gamma_mean"],
+        "composition": mine.get("composition_error_mean"),
+        "step_time_s": summary.get("step_time_s"),
+        **run.tags,
+    }
+    if len(equi["results"]) > 1:  # paired with the simclr run of the same seed
+        row["lower_wahba_trials"] = equi["lower_in_trials"]
+        row["lower_ratio_trials"] = equi["ratio_lower_in_trials"]
+        row["trials"] = equi["trials"]
+    return row
+
+
+METRICS = ("linear", "knn", "wahba", "wahba_ratio", "gamma", "composition", "step_time_s")
+
+
+def aggregate(rows: list[dict[str, Any]], key: str) -> dict[str, dict[str, Any]]:
+    """Mean and standard deviation over seeds, per value of ``key``."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(str(row[key]), []).append(row)
+    table: dict[str, dict[str, Any]] = {}
+    for name, members in groups.items():
+        entry: dict[str, Any] = {"seeds": len(members)}
+        for metric in METRICS:
+            values = [m[metric] for m in members if m.get(metric) is not None]
+            if values:
+                entry[metric] = statistics.fmean(values)
+                entry[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        for paired in ("lower_wahba_trials", "lower_ratio_trials", "trials"):
+            if all(paired in m for m in members):
+                entry[paired] = sum(m[paired] for m in members)
+        table[name] = entry
+    return table
+
+
+def _cell(entry: dict[str, Any], metric: str, digits: int) -> str:
+    if metric not in entry:
+        return "–"
+    value, std = entry[metric], entry.get(f"{metric}_std", 0.0)
+    return f"{value:.{digits}f} ± {std:.{digits}f}" if entry["seeds"] > 1 else f"{value:.{digits}f}"
+
+
+def markdown(table: dict[str, dict[str, Any]], title: str, label: str) -> str:
+    lines = [
+        f"### {title}",
+        "",
+        f"| {label} | seeds | linear probe % | kNN % | W_f/√n | W_f ÷ inv. dist. | γ_f | "
+        "composition | step s | lower W_f ÷ inv. than simclr |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, e in table.items():
+        paired = f"{e['lower_ratio_trials']}/{e['trials']}" if "trials" in e else "–"
+        lines.append(
+            f"| {name} | {e['seeds']} | {_cell(e, 'linear', 2)} | {_cell(e, 'knn', 2)} | "
+            f"{_cell(e, 'wahba', 4)} | {_cell(e, 'wahba_ratio', 3)} | {_cell(e, 'gamma', 3)} | "
+            f"{_cell(e, 'composition', 3)} | {_cell(e, 'step_time_s', 3)} | {paired} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_main(table: dict[str, dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(table)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, metric, label in (
+        (axes[0], "linear", "linear probe accuracy (%)"),
+        (axes[1], "wahba_ratio", "W_f ÷ invariance distance (lower: more equivariant)"),
+    ):
+        values = [table[n].get(metric, float("nan")) for n in names]
+        errors = [table[n].get(f"{metric}_std", 0.0) for n in names]
+        ax.bar(names, values, yerr=errors, capsize=4, color="#4c72b0")
+        low, high = min(values), max(values)
+        pad = max(0.1 * (high - low), 0.02 * abs(high) + 1e-6)
+        ax.set_ylim(low - 4 * pad, high + 2 * pad)
+        ax.set_ylabel(label)
+        ax.tick_params(axis="x", rotation=20)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_sweep(rows: list[dict[str, Any]], path: Path, baseline: dict[str, Any] | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for views in ("separate", "shared"):
+        points = sorted((r["weight"], r) for r in rows if r["views"] == views)
+        if not points:
+            continue
+        lams = [p[0] for p in points]
+        axes[0].plot(lams, [p[1]["linear"] for p in points], "o-", label=f"care, {views} views")
+        axes[1].plot(
+            lams, [p[1]["wahba_ratio"] for p in points], "o-", label=f"care, {views} views"
+        )
+    if baseline is not None:
+        axes[0].axhline(baseline["linear"], color="gray", ls="--", label="simclr")
+        axes[1].axhline(baseline["wahba_ratio"], color="gray", ls="--", label="simclr")
+    for ax, label in (
+        (axes[0], "linear probe accuracy (%)"),
+        (axes[1], "W_f ÷ invariance distance"),
+    ):
+        ax.set_xscale("log")
+        ax.set_xlabel("λ (weight of L_equi)")
+        ax.set_ylabel(label)
+        ax.legend()
+    fig.suptitle("λ sweep (seed 0)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def budget_tag(budget: list[str]) -> str:
+    """A folder name for one budget, e.g. ``train_samples20000-epochs3``."""
+    tag = "-".join(item.replace("=", "") for item in budget) or "default"
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in tag)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stage", choices=("main", "sweep", "long", "report"), default="main")
+    parser.add_argument("--seeds", type=int, default=3, help="pretraining seeds (main stage)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="main-stage variants")
+    parser.add_argument("--weight", type=float, default=0.01, help="λ of the main and long stages")
+    parser.add_argument("--views", default="shared", help="care views of the long stage")
+    parser.add_argument("--out", default="runs/quality")
+    parser.add_argument("budget", nargs="*", help="key=value settings for every run")
+    args = parser.parse_args()
+    budget = args.budget or DEFAULT_BUDGET
+    tag = budget_tag(budget)
+    root = Path(args.out) / tag
+    root.mkdir(parents=True, exist_ok=True)
+
+    main_runs = [
+        Run(
+            f"{v}-lam{args.weight}-s{s}", v, s, [*VARIANTS[v], f"weight={args.weight}"], args.weight
+        )
+        for s in range(args.seeds)
+        for v in args.variants.split(",")
+    ]
+    sweep_runs = [
+        Run(
+            f"care-{views}-lam{lam}-s0",
+            f"care-{views}",
+            0,
+            ["method=care", f"views={views}", f"weight={lam}"],
+            lam,
+            {"views": views},
+        )
+        for views in ("separate", "shared")
+        for lam in LAMBDAS
+    ]
+    long_runs = [
+        Run(f"simclr-lam{args.weight}-s0", "simclr", 0, VARIANTS["simclr"], None),
+        Run(
+            f"care-{args.views}-lam{args.weight}-s0",
+            f"care-{args.views}",
+            0,
+            ["method=care", f"views={args.views}", f"weight={args.weight}"],
+            args.weight,
+        ),
+    ]
+    chosen = {"main": main_runs, "sweep": sweep_runs, "long": long_runs, "report": []}[args.stage]
+    for run in chosen:
+        baseline = root / f"simclr-lam{args.weight}-s{run.seed}"
+        if run.variant != "simclr":
+            execute(Run(baseline.name, "simclr", run.seed, VARIANTS["simclr"]), root, None, budget)
+        execute(run, root, baseline, budget)
+
+    report: dict[str, Any] = {"budget": budget, "root": str(root)}
+    sections = []
+    finished = [r for r in main_runs if (root / r.name / "equivariance.json").is_file()]
+    if finished:
+        rows = [collect(r, root / r.name) for r in finished]
+        table = aggregate(rows, "variant")
+        report["main"] = {"rows": rows, "table": table}
+        title = f"Fashion-MNIST CPU preset, {' '.join(budget)}, λ = {args.weight}"
+        sections.append(markdown(table, title, "method"))
+        plot_main(table, root / "quality.png", title)
+    swept = [r for r in sweep_runs if (root / r.name / "equivariance.json").is_file()]
+    if swept:
+        rows = [collect(r, root / r.name) for r in swept]
+        table = aggregate(rows, "run")
+        table = {f"{r['variant']} λ={r['weight']}": table[r["run"]] for r in rows}
+        report["sweep"] = {"rows": rows, "table": table}
+        sections.append(markdown(table, f"λ sweep, seed 0, {' '.join(budget)}", "care"))
+        base_dir = root / "simclr-lam0.01-s0"
+        base = (
+            collect(Run(base_dir.name, "simclr", 0, VARIANTS["simclr"]), base_dir)
+            if (base_dir / "equivariance.json").is_file()
+            else None
+        )
+        plot_sweep(rows, root / "lambda_sweep.png", base)
+    (root / "quality.json").write_text(json.dumps(report, indent=2))
+    (root / "quality.md").write_text("\n".join(sections))
+    print("\n".join(sections))
+    print(f"wrote {root}/quality.json, quality.md and plots")
+
+
+if __name__ == "__main__":
+    main()
