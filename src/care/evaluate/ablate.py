@@ -27,6 +27,7 @@ from rich.table import Table
 
 from care.config import Config, load_config, parse_overrides, validate
 from care.errors import CareError
+from care.evaluate.probe import PROBE_KEYS
 from care.runs import RunDir, atomic_write_json, atomic_write_text
 
 #: Variant name → (method, loss as plain text, loss as matplotlib mathtext).
@@ -46,22 +47,12 @@ DEFAULT_OUT = "runs/ablation"
 #: Settings that do not change what a variant learns: a finished run trained with other values
 #: is still part of this ablation (the probe settings are checked against probe.json instead).
 _UNTRAINED_KEYS = (
+    *PROBE_KEYS,
     "out",
     "resume",
-    "data_root",
-    "accelerator",
     "num_workers",
     "knn_every",
     "knn_bank_samples",
-    "probe_epochs",
-    "probe_seeds",
-    "probe_optimizer",
-    "probe_lr",
-    "probe_milestones",
-    "probe_weight_decay",
-    "probe_batch_size",
-    "knn_k",
-    "knn_temperature",
     "log_every",
 )
 
@@ -377,7 +368,8 @@ def ablate_command(
         ],
         paths[2],
         f"Loss ablation: {base.dataset}, {base.backbone} {base.widths}, "
-        f"{base.epochs} epochs, λ = {base.weight}",
+        f"{base.epochs} epochs, λ = {base.weight} (CARE), L_equi weight {equi_unif_weight} "
+        "(L_equi + L_unif)",
     )
     print_ablation(payload, console)
     for path in paths:
