@@ -255,7 +255,7 @@ def main() -> None:
             lam,
             {"views": views},
         )
-        for views in ("separate", "shared")
+        for views in ("shared", "separate")  # the cheaper views first
         for lam in LAMBDAS
     ]
     long_runs = [

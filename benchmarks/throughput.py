@@ -83,10 +83,10 @@ def time_method(
     result["images_per_s"] = cfg.batch_size / result["step"]
     result["views"] = views_per_step
 
-    # The backbone alone on the same number of images, with the same precision.
+    # The backbone alone on the same images, in the same passes (2 views each) and precision.
     backbone = method.backbone
     images = torch.randn(
-        views_per_step * cfg.batch_size,
+        2 * cfg.batch_size,
         info.channels,
         info.image_size,
         info.image_size,
