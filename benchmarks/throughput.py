@@ -9,6 +9,7 @@ overhead is a ratio within one run.
     python benchmarks/throughput.py                       # CPU preset, simclr and care (both views)
     python benchmarks/throughput.py precision=bf16-mixed steps=10
     python benchmarks/throughput.py --json out.json backbone=resnet18 widths=[64,128,256,512]
+    python benchmarks/throughput.py --synthetic 3x32 widths=[64,128,256,512]   # ResNet-18, 32 px RGB
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 
 from care.augment import tune_malloc
 from care.config import load_config
-from care.methods import build_method
+from care.methods import DataInfo, build_method
 from care.train import data_info, load_split
 
 VARIANTS: dict[str, list[str]] = {
@@ -47,16 +48,39 @@ def _autocast(precision: str, device: torch.device) -> AbstractContextManager[ob
     return nullcontext()
 
 
+def parse_shape(text: str) -> tuple[int, int]:
+    """``"3x32"`` → (channels, size) of synthetic square images."""
+    channels, _, size = text.partition("x")
+    if not channels.isdigit() or not size.isdigit():
+        raise SystemExit(f"error: --synthetic {text!r}: write CHANNELSxSIZE, e.g. 3x32")
+    return int(channels), int(size)
+
+
 def time_method(
-    overrides: list[str], steps: int, warmup: int, device: torch.device
+    overrides: list[str],
+    steps: int,
+    warmup: int,
+    device: torch.device,
+    synthetic: tuple[int, int] | None = None,
 ) -> dict[str, float]:
-    """Median seconds per phase of one training step of the configured method."""
+    """Median seconds per phase of one training step of the configured method.
+
+    ``synthetic=(channels, size)`` uses random uint8 images instead of the configured dataset
+    (e.g. 3×32 for a CIFAR-sized benchmark on a machine without CIFAR).
+    """
     cfg = load_config(None, overrides)
-    dataset = load_split(cfg, "pretrain")
-    info = data_info(cfg, dataset)
+    if synthetic is None:
+        dataset = load_split(cfg, "pretrain")
+        info = data_info(cfg, dataset)
+        batches = torch.stack([dataset[i][0] for i in range(cfg.batch_size)]).to(device)
+    else:
+        channels, size = synthetic
+        info = DataInfo(channels, size, (0.5,) * channels, (0.25,) * channels, num_classes=10)
+        gen = torch.Generator().manual_seed(0)
+        shape = (cfg.batch_size, channels, size, size)
+        batches = torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8).to(device)
     method = build_method(cfg, info).to(device).train()
     optimizer = torch.optim.Adam(method.parameters(), lr=cfg.lr)
-    batches = torch.stack([dataset[i][0] for i in range(cfg.batch_size)]).to(device)
     phases: dict[str, list[float]] = {k: [] for k in ("augment", "forward", "loss", "backward")}
     views_per_step = 0
     for step in range(warmup + steps):
@@ -115,6 +139,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="config key=value, plus steps=N warmup=N")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument(
+        "--synthetic",
+        metavar="CxS",
+        help="random uint8 images of C channels and S px instead of the dataset, e.g. 3x32",
+    )
     args = parser.parse_args()
     steps, warmup = 5, 2
     overrides = []
@@ -131,7 +160,8 @@ def main() -> None:
     torch.manual_seed(0)
     results: dict[str, dict[str, float]] = {}
     for name, variant in VARIANTS.items():
-        results[name] = time_method([*overrides, *variant], steps, warmup, device)
+        shape = parse_shape(args.synthetic) if args.synthetic else None
+        results[name] = time_method([*overrides, *variant], steps, warmup, device, shape)
     cfg = load_config(None, overrides)
     device_name = (
         torch.cuda.get_device_name()
@@ -140,7 +170,8 @@ def main() -> None:
     )
     print(
         f"device: {device_name}; backbone {cfg.backbone} widths {cfg.widths}; batch {cfg.batch_size}; "
-        f"precision {cfg.precision}; median of {steps} steps after {warmup} warm-up"
+        f"images {args.synthetic or cfg.dataset}; precision {cfg.precision}; "
+        f"median of {steps} steps after {warmup} warm-up"
     )
     header = (
         "method",
@@ -154,6 +185,7 @@ def main() -> None:
         "aug+loss",
         "vs simclr",
         "backbone-only s",
+        "vs backbone",
     )
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
@@ -164,7 +196,8 @@ def main() -> None:
             f"| {name} | {int(r['views'])} | {r['step']:.3f} | {r['images_per_s']:.0f} | "
             f"{_percent(share['augment'])} | {_percent(share['forward'])} | {_percent(share['loss'])} | "
             f"{_percent(share['backward'])} | {_percent(share['augment'] + share['loss'])} | "
-            f"{r['step'] / base:.2f}× | {r['backbone_only']:.3f} |"
+            f"{r['step'] / base:.2f}× | {r['backbone_only']:.3f} | "
+            f"{r['step'] / r['backbone_only']:.2f}× |"
         )
     if args.json:
         with open(args.json, "w") as handle:
