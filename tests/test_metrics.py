@@ -372,7 +372,13 @@ def test_group_fit_exact_group_element(form: str) -> None:
     assert torch.allclose(fit.matrix, M, atol=1e-4)
     fit64 = group_fit(F, F @ M.T, form_matrix(form, d))  # the matrix J works like its name
     assert fit64.residual < 1e-12 and fit64.deviation < 1e-10
-    assert set(fit64.as_dict()) == {"residual", "deviation", "relative_deviation"}
+    assert fit64.form_distortion < 1e-10
+    assert set(fit64.as_dict()) == {
+        "residual",
+        "deviation",
+        "relative_deviation",
+        "form_distortion",
+    }
 
 
 def test_group_fit_non_group_linear_map_has_zero_residual_but_deviates() -> None:
@@ -386,6 +392,15 @@ def test_group_fit_non_group_linear_map_has_zero_residual_but_deviates() -> None
     expected = float(torch.linalg.vector_norm(A.T @ J @ A - J))
     assert fit.deviation == pytest.approx(expected, rel=1e-8)
     assert fit.relative_deviation == pytest.approx(expected / math.sqrt(d), rel=1e-8)
+    # the form's Gram matrix changes, by the naive formula
+    gram = [[float(x @ J @ y) for y in F] for x in F]
+    moved = F @ A.T
+    gram_a = [[float(x @ J @ y) for y in moved] for x in moved]
+    pairs = zip(gram, gram_a, strict=True)
+    num = math.sqrt(sum((g - h) ** 2 for r, q in pairs for g, h in zip(r, q, strict=True)))
+    den = math.sqrt(sum(g**2 for r in gram for g in r))
+    assert fit.form_distortion == pytest.approx(num / den, rel=1e-8)
+    assert fit.form_distortion > 0.01
     # an orthogonal map that mixes x0 with a spatial axis is not a Lorentz map either
     mixing = random_rotation(d, 5)
     assert group_fit(F, F @ mixing.T, "minkowski").deviation > 0.1

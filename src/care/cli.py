@@ -100,7 +100,7 @@ def _print_equivariance(payload: dict[str, object]) -> None:
     results = payload["results"]
     # Runs under another form (hyperboloid, symplectic) also report the best linear fit Λ.
     group_fit = any("group_fit_residual_mean" in r["summary"] for r in results)  # type: ignore[attr-defined]
-    columns = ["run", "W_SO/√n mean", "worst", "W ÷ inv. dist.", "γ_f", "composition"]
+    columns = ["run", "W_SO/√n mean", "worst", "W ÷ inv. dist.", "γ_f", "composition", "form Δ"]
     if group_fit:
         columns += ["linear fit/√n", "‖ΛᵀJΛ−J‖/‖J‖"]
     for column in columns:
@@ -114,6 +114,7 @@ def _print_equivariance(payload: dict[str, object]) -> None:
             f"{s['wahba_so_ratio_mean']:.3f}",
             f"{s['gamma_mean']:.4f}",
             f"{s.get('composition_error_mean', float('nan')):.4f}",
+            f"{s.get('form_distortion_mean', float('nan')):.4f}",
         ]
         if group_fit:
             row += [

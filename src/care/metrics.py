@@ -235,12 +235,17 @@ class GroupFitResult:
             the group (e.g. a Lorentz map for ``J = diag(-1, 1, …, 1)``).
         relative_deviation: ``deviation / ||J||_Fro``, comparable across sizes and forms.
         matrix: the fitted ``(d, d)`` float64 ``Λ`` with ``f(a(x)) ≈ Λ f(x)``.
+        form_distortion: ``||F J Fᵀ - F_a J F_aᵀ||_Fro / ||F J Fᵀ||_Fro``, computed without ``Λ``:
+            how much ``a`` changes the form between the samples (what L_equi trains to 0). Unlike
+            ``deviation`` it does not depend on directions the data barely spans, where the
+            least-squares ``Λ`` is poorly determined.
     """
 
     residual: float
     deviation: float
     relative_deviation: float
     matrix: Tensor
+    form_distortion: float = 0.0
 
     def as_dict(self) -> dict[str, float]:
         """The three numbers, for JSON (without the matrix)."""
@@ -248,6 +253,7 @@ class GroupFitResult:
             "residual": self.residual,
             "deviation": self.deviation,
             "relative_deviation": self.relative_deviation,
+            "form_distortion": self.form_distortion,
         }
 
 
@@ -281,11 +287,15 @@ def group_fit(F: Tensor, F_a: Tensor, J: Form) -> GroupFitResult:
     res = float(torch.linalg.vector_norm(F64 @ M.T - Fa64).item()) / math.sqrt(n)
     dev = float(torch.linalg.vector_norm(M.T @ J64 @ M - J64).item())
     norm_j = float(torch.linalg.vector_norm(J64).item())
+    gram = F64 @ J64 @ F64.T
+    gram_norm = float(torch.linalg.vector_norm(gram).item())
+    change = float(torch.linalg.vector_norm(gram - Fa64 @ J64 @ Fa64.T).item())
     return GroupFitResult(
         residual=res,
         deviation=dev,
         relative_deviation=dev / norm_j if norm_j > 0 else 0.0,
         matrix=M,
+        form_distortion=change / gram_norm if gram_norm > 0 else 0.0,
     )
 
 

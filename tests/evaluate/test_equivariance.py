@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from care.cli import main
+from care.evaluate.equivariance import GROUP_FIT_KEYS
 from tests.conftest import tiny
 
 
@@ -122,8 +123,9 @@ def test_other_geometries_train_and_report_the_group_fit(
         assert trial["group_deviation_relative"] == pytest.approx(
             trial["group_deviation"] / math.sqrt(trial["d"]), rel=1e-9
         )
+        assert 0.0 < trial["form_distortion"] < 10.0  # an untrained map changes the form
         assert all(math.isfinite(v) for v in trial.values() if isinstance(v, float))
-    for key in ("group_fit_residual", "group_deviation", "group_deviation_relative"):
+    for key in GROUP_FIT_KEYS:
         assert math.isfinite(res["summary"][f"{key}_mean"])
 
 
@@ -137,3 +139,6 @@ def test_sphere_runs_record_their_geometry_and_keep_their_fields(
     assert sphere["embeddings"] == ["sphere"] and sphere["forms"] == ["euclidean"]
     assert not any(k.startswith("group") for k in sphere["results"][0]["trials"][0])
     assert not any(k.startswith("group") for k in sphere["results"][0]["summary"])
+    # the form's distortion (what L_equi trains to 0) is reported for every geometry
+    assert sphere["results"][0]["trials"][0]["form_distortion"] > 0.0
+    assert "form_distortion_mean" in sphere["results"][0]["summary"]

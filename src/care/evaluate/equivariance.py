@@ -147,8 +147,9 @@ def measure(
         for enc, f, res in zip(encoders, base, results, strict=True):
             f_a = enc(augmented)
             report = equivariance_report(f, f_a).as_dict()
+            fit = group_fit(f, f_a, enc.form)
+            report["form_distortion"] = fit.form_distortion  # every geometry: L_equi's target
             if enc.form != "euclidean":
-                fit = group_fit(f, f_a, enc.form)
                 report["group_fit_residual"] = fit.residual
                 report["group_deviation"] = fit.deviation
                 report["group_deviation_relative"] = fit.relative_deviation
@@ -190,6 +191,7 @@ def summarise(res: dict[str, Any]) -> dict[str, float]:
         "invariance_distance",
         "wahba_so_ratio",
         "gamma",
+        "form_distortion",
         *GROUP_FIT_KEYS,
     ):
         if key not in trials[0]:
