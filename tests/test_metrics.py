@@ -10,6 +10,7 @@ import pytest
 import torch
 from scipy.linalg import orthogonal_procrustes
 
+from care import geometry
 from care.geometry import (
     form_matrix,
     lift_to_hyperboloid,
@@ -35,13 +36,8 @@ def _gen(seed: int) -> torch.Generator:
 
 
 def random_rotation(d: int, seed: int) -> torch.Tensor:
-    """Haar-random Q ∈ SO(d): QR with the sign fix, then flip one column if det = -1."""
-    A = torch.randn(d, d, generator=_gen(seed), dtype=torch.float64)
-    Q, R = torch.linalg.qr(A)
-    Q = Q * torch.sign(torch.diagonal(R))
-    if torch.linalg.det(Q) < 0:
-        Q[:, 0] = -Q[:, 0]
-    return Q
+    """Haar-random Q ∈ SO(d) (care.geometry's generator, seeded)."""
+    return geometry.random_rotation(d, _gen(seed))
 
 
 def random_embeddings(

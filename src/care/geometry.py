@@ -216,8 +216,10 @@ def lorentz_distance(x: Tensor, y: Tensor, curvature: float = 1.0) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def _random_rotation(d: int, generator: torch.Generator | None, dtype: torch.dtype) -> Tensor:
-    """Haar-random ``Q ∈ SO(d)``."""
+def random_rotation(
+    d: int, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float64
+) -> Tensor:
+    """Haar-random ``Q ∈ SO(d)``: QR of a Gaussian matrix with the sign fix, det forced to +1."""
     A = torch.randn(d, d, generator=generator, dtype=dtype)
     Q, R = torch.linalg.qr(A)
     Q = Q * torch.sign(torch.diagonal(R))
@@ -243,7 +245,7 @@ def random_lorentz(
     """
     check_form("minkowski", d)
     rotation = torch.eye(d, dtype=dtype)
-    rotation[1:, 1:] = _random_rotation(d - 1, generator, dtype)
+    rotation[1:, 1:] = random_rotation(d - 1, generator, dtype)
     direction = torch.randn(d - 1, generator=generator, dtype=dtype)
     direction = direction / direction.norm()
     phi = float(torch.rand((), generator=generator, dtype=dtype)) * max_rapidity
