@@ -39,11 +39,11 @@ def _pretrain(args: argparse.Namespace) -> int:
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
-    from care.distributed import rank_and_world
+    from care.distributed import is_global_zero
     from care.train import pretrain
 
     run = pretrain(cfg)
-    if rank_and_world()[0] == 0:
+    if is_global_zero():
         print(f"run written to {run.root}")
     return 0
 
@@ -143,7 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="care", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
-    pretrain = commands.add_parser("pretrain", help="pretrain simclr, care or equi_unif")
+    pretrain = commands.add_parser(
+        "pretrain", help="pretrain simclr, care, equi_unif, moco or care_moco"
+    )
     pretrain.add_argument("--config", help="YAML preset, e.g. configs/fashion-mnist.yaml")
     pretrain.add_argument(
         "--print-config", action="store_true", help="print the resolved config and exit"
@@ -176,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     ablate = commands.add_parser(
         "ablate",
         help="loss ablation (paper, Figure 2): InfoNCE vs L_equi + L_unif vs CARE",
-        description="Pretrain and probe InfoNCE (method=simclr), L_unif + λ·L_equi "
+        description="Pretrain and probe InfoNCE (method=simclr), L_equi + L_unif "
         "(method=equi_unif) and CARE (method=care) with one shared config; each variant goes "
         "to OUT/<variant>, and OUT/ablation.{json,md,png} compare them. Rerunning resumes: "
         "finished variants are not retrained and fresh probes are reused.",

@@ -12,6 +12,7 @@ against a single process.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -28,6 +29,14 @@ def rank_and_world() -> tuple[int, int]:
     if not is_distributed():
         return 0, 1
     return dist.get_rank(), dist.get_world_size()
+
+
+def is_global_zero() -> bool:
+    """True on rank 0, and before a process group exists on the process the launcher made rank 0
+    (Lightning, torchrun and SLURM set ``RANK``/``LOCAL_RANK``/``NODE_RANK`` for the others)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return all(os.environ.get(k, "0") in ("", "0") for k in ("RANK", "LOCAL_RANK", "NODE_RANK"))
 
 
 class _GatherWithGrad(torch.autograd.Function):

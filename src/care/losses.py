@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from care.errors import CareError
-from care.geometry import Form, apply_form, check_form
+from care.geometry import Form, apply_form, check_form, lorentz_similarity
 
 SIMILARITIES = ("dot", "lorentz")
 """InfoNCE similarities: ``dot`` (cosine on the sphere), ``lorentz`` (``-d_L²/2`` on the
@@ -80,8 +80,6 @@ def info_nce_terms(
         raise ValueError(f"temperature must be positive, got {temperature}")
     if similarity not in SIMILARITIES:
         raise ValueError(f"similarity must be one of {list(SIMILARITIES)}, got {similarity!r}")
-    if similarity == "lorentz" and not curvature > 0:
-        raise ValueError(f"curvature must be positive, got {curvature}")
     n = z1.shape[0]
     c1 = z1 if candidates1 is None else candidates1
     c2 = z2 if candidates2 is None else candidates2
@@ -89,8 +87,7 @@ def info_nce_terms(
     candidates = _full_precision(torch.cat([c1, c2]))  # (2M, d)
     m = c1.shape[0]
     if similarity == "lorentz":
-        # -d_L²/2 = 1/c + <x, y>_L, with the Minkowski form applied by negating coordinate 0.
-        logits = (apply_form(anchors, "minkowski") @ candidates.T + 1.0 / curvature) / temperature
+        logits = lorentz_similarity(anchors, candidates, curvature) / temperature  # -d_L²/2 / τ
     else:
         logits = anchors @ candidates.T / temperature  # (2n, 2M)
     rows = torch.arange(2 * n, device=z1.device)
@@ -152,10 +149,8 @@ def equivariance_loss(
     groups = n // group_size
     a = _full_precision(z1).reshape(groups, group_size, d)
     b = _full_precision(z2).reshape(groups, group_size, d)
-    if isinstance(form, str) and form == "euclidean":
-        diff = a @ a.transpose(1, 2) - b @ b.transpose(1, 2)  # (G, m, m)
-    else:
-        diff = apply_form(a, form) @ a.transpose(1, 2) - apply_form(b, form) @ b.transpose(1, 2)
+    # apply_form returns the rows themselves for the euclidean form: no extra multiply.
+    diff = apply_form(a, form) @ a.transpose(1, 2) - apply_form(b, form) @ b.transpose(1, 2)
     # The diagonal holds B(z_i, z_i) - B(z'_i, z'_i); the sum runs over i != j only.
     squared = diff.square().sum(dim=(1, 2)) - torch.diagonal(diff, dim1=1, dim2=2).square().sum(1)
     return (2.0 / group_size) * squared.mean()

@@ -287,16 +287,25 @@ def group_fit(F: Tensor, F_a: Tensor, J: Form) -> GroupFitResult:
     res = float(torch.linalg.vector_norm(F64 @ M.T - Fa64).item()) / math.sqrt(n)
     dev = float(torch.linalg.vector_norm(M.T @ J64 @ M - J64).item())
     norm_j = float(torch.linalg.vector_norm(J64).item())
-    gram = F64 @ J64 @ F64.T
-    gram_norm = float(torch.linalg.vector_norm(gram).item())
-    change = float(torch.linalg.vector_norm(gram - Fa64 @ J64 @ Fa64.T).item())
     return GroupFitResult(
         residual=res,
         deviation=dev,
         relative_deviation=dev / norm_j if norm_j > 0 else 0.0,
         matrix=M,
-        form_distortion=change / gram_norm if gram_norm > 0 else 0.0,
+        form_distortion=form_distortion(F64, Fa64, J64),
     )
+
+
+def form_distortion(F: Tensor, F_a: Tensor, J: Form) -> float:
+    """``||F J Fᵀ - F_a J F_aᵀ||_Fro / ||F J Fᵀ||_Fro`` (rows = samples): how much the augmentation
+    changes the form between the samples, which L_equi trains to 0 (paper, Sec. 3.2). Needs no
+    fitted map, and is 0 for any ``Λ`` with ``ΛᵀJΛ = J``."""
+    F64, Fa64 = _pair(F, F_a)
+    J64 = form_matrix(J, F64.shape[1], dtype=torch.float64, device=F64.device)
+    gram = F64 @ J64 @ F64.T
+    gram_norm = float(torch.linalg.vector_norm(gram).item())
+    change = float(torch.linalg.vector_norm(gram - Fa64 @ J64 @ Fa64.T).item())
+    return change / gram_norm if gram_norm > 0 else 0.0
 
 
 # --------------------------------------------------------------------------------------------

@@ -127,6 +127,7 @@ class MetricsCSV(Callback):
     def __init__(self, path: Path, every: int) -> None:
         self.path, self.every = path, every
         self.rows: list[dict[str, Any]] = []
+        self.writer = True  # rank 0 alone writes (set at fit start)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.rows = []
@@ -163,7 +164,7 @@ class MetricsCSV(Callback):
         self.writer = trainer.is_global_zero
 
     def flush(self) -> None:
-        if not self.rows or not getattr(self, "writer", True):
+        if not self.rows or not self.writer:
             return
         columns = list(dict.fromkeys(k for row in self.rows for k in row))
         buffer = io.StringIO()

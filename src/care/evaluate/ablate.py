@@ -3,7 +3,7 @@
 Three losses are pretrained from one base config, each into ``<out>/<variant>``, and probed:
 
 - ``infonce``   (``method=simclr``):    L_InfoNCE = L_inv + L_unif
-- ``equi_unif`` (``method=equi_unif``): L_unif + λ·L_equi, no invariance term
+- ``equi_unif`` (``method=equi_unif``): L_equi + L_unif (L_equi weight 1, ``--equi-unif-weight``), no invariance term
 - ``care``      (``method=care``):      L_inv + L_unif + λ·L_equi
 
 Every other setting (data, model, epochs, batch, λ, seed, probe) is shared. The command is
@@ -17,7 +17,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from care.config import Config, load_config, parse_overrides, validate
+from care.distributed import is_global_zero
 from care.errors import CareError
 from care.evaluate.probe import PROBE_KEYS
 from care.runs import RunDir, atomic_write_json, atomic_write_text
@@ -205,23 +205,14 @@ def _result(
     }
 
 
-def is_main_process() -> bool:
-    """False in the extra processes of a multi-device run (they only help to train)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank() == 0
-    return all(os.environ.get(k, "0") in ("", "0") for k in ("RANK", "LOCAL_RANK", "NODE_RANK"))
-
-
 def _say(message: str) -> None:
-    if is_main_process():
+    if is_global_zero():
         print(message, flush=True)
 
 
 def _train_and_probe(name: str, cfg: Config, tag: str) -> tuple[RunDir, dict[str, Any] | None]:
     """Train (or resume, or skip) one variant, then probe it unless probe.json is fresh."""
-    from care.evaluate.probe import PROBE_KEYS, probe_run
+    from care.evaluate.probe import probe_run
     from care.train import pretrain
 
     run = RunDir(cfg.out)
@@ -233,7 +224,7 @@ def _train_and_probe(name: str, cfg: Config, tag: str) -> tuple[RunDir, dict[str
         what = "resuming from its last checkpoint" if resume else "training"
         _say(f"{tag} {name} (method={cfg.method}): {what} → {run.root}")
         pretrain(dataclasses.replace(cfg, resume=resume))
-    if not is_main_process():
+    if not is_global_zero():
         return run, None
     probe = _probe_is_fresh(run, cfg)
     if probe is None:
@@ -331,7 +322,7 @@ def ablate_command(
         run, probe = _train_and_probe(name, configs[name], f"[{i}/{len(names)}]")
         if probe is not None:
             results[name] = _result(name, run, shared, probe)
-    if not is_main_process():
+    if not is_global_zero():
         return {}
     for name in VARIANTS:  # variants left out by --only but finished earlier in this folder
         if (

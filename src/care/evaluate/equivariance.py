@@ -28,7 +28,13 @@ from care.config import Config
 from care.data import LabeledImages
 from care.errors import CareError
 from care.methods import DataInfo
-from care.metrics import composition_error, equivariance_report, group_fit, parameter_probe
+from care.metrics import (
+    composition_error,
+    equivariance_report,
+    form_distortion,
+    group_fit,
+    parameter_probe,
+)
 from care.models import ProjectionHead, ResNet, embed_projection
 from care.runs import RunDir, atomic_write_json, json_ready, load_weights
 from care.train import data_info, load_split
@@ -147,9 +153,9 @@ def measure(
         for enc, f, res in zip(encoders, base, results, strict=True):
             f_a = enc(augmented)
             report = equivariance_report(f, f_a).as_dict()
-            fit = group_fit(f, f_a, enc.form)
-            report["form_distortion"] = fit.form_distortion  # every geometry: L_equi's target
+            report["form_distortion"] = form_distortion(f, f_a, enc.form)  # L_equi's target
             if enc.form != "euclidean":
+                fit = group_fit(f, f_a, enc.form)
                 report["group_fit_residual"] = fit.residual
                 report["group_deviation"] = fit.deviation
                 report["group_deviation_relative"] = fit.relative_deviation
