@@ -21,6 +21,7 @@ import time
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
+from rich.progress import track
 
 from care.augment import tune_malloc
 from care.config import load_config
@@ -31,7 +32,10 @@ VARIANTS: dict[str, list[str]] = {
     "simclr": ["method=simclr"],
     "care (separate views)": ["method=care", "views=separate"],
     "care (shared views)": ["method=care", "views=shared"],
+    "moco": ["method=moco", "queue_size=4096", "temperature=0.2"],
+    "care_moco (separate views)": ["method=care_moco", "views=separate", "queue_size=4096"],
 }
+PHASES = ("augment", "forward", "loss", "backward")
 
 
 def _clock(device: torch.device) -> float:
@@ -56,79 +60,96 @@ def parse_shape(text: str) -> tuple[int, int]:
     return int(channels), int(size)
 
 
-def time_method(
+class Bench:
+    """One configured method, its optimiser and a fixed batch of uint8 images.
+
+    ``synthetic=(channels, size)`` uses random uint8 images instead of the configured dataset
+    (e.g. 3×32 for a CIFAR-sized benchmark on a machine without CIFAR).
+    """
+
+    def __init__(
+        self, overrides: list[str], device: torch.device, synthetic: tuple[int, int] | None
+    ) -> None:
+        cfg = self.cfg = load_config(None, overrides)
+        if synthetic is None:
+            dataset = load_split(cfg, "pretrain")
+            info = data_info(cfg, dataset)
+            batch = torch.stack([dataset[i][0] for i in range(cfg.batch_size)])
+        else:
+            channels, size = synthetic
+            info = DataInfo(channels, size, (0.5,) * channels, (0.25,) * channels, num_classes=10)
+            gen = torch.Generator().manual_seed(0)
+            shape = (cfg.batch_size, channels, size, size)
+            batch = torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8)
+        self.device, self.batch = device, batch.to(device)
+        self.method = build_method(cfg, info).to(device).train()
+        self.optimizer = torch.optim.Adam(self.method.parameters(), lr=cfg.lr)
+        self.views = len(self.method.sample_views(cfg.batch_size, torch.Generator()))
+        # The backbone alone sees as many images as the method embeds with gradient, in the
+        # same passes of 2 views each.
+        self.images = torch.randn(
+            2 * cfg.batch_size, info.channels, info.image_size, info.image_size, device=device
+        )
+        self.times: dict[str, list[float]] = {k: [] for k in (*PHASES, "backbone_only")}
+
+    def step(self, seed: int, record: bool) -> None:
+        """One training step exactly as ``training_step`` makes it, timed per phase."""
+        method, cfg, device = self.method, self.cfg, self.device
+        t0 = _clock(device)
+        method.on_train_batch_start(None, seed)  # MoCo's momentum update; a no-op otherwise
+        params = method.sample_views(cfg.batch_size, torch.Generator().manual_seed(seed))
+        stacks = method.augment_views(self.batch, params)
+        t1 = _clock(device)
+        with _autocast(cfg.precision, device):
+            embeddings = method.embed_views(stacks, cfg.batch_size)
+            t2 = _clock(device)
+            loss = method.compute_loss(embeddings)["loss"]
+            method.after_loss(embeddings)
+        t3 = _clock(device)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        t4 = _clock(device)
+        if record:
+            for key, value in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+                self.times[key].append(value)
+
+    def backbone_step(self, record: bool) -> None:
+        """Forward + backward + optimiser step of the backbone alone on the same images."""
+        t0 = _clock(self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        for _ in range(self.views // 2):
+            with _autocast(self.cfg.precision, self.device):
+                out = self.method.backbone(self.images).float().sum()
+            out.backward()
+        self.optimizer.step()
+        if record:
+            self.times["backbone_only"].append(_clock(self.device) - t0)
+
+    def summary(self) -> dict[str, float]:
+        """Median seconds of each phase, and derived figures."""
+        result = {k: statistics.median(v) for k, v in self.times.items()}
+        result["step"] = sum(result[k] for k in PHASES)
+        result["images_per_s"] = self.cfg.batch_size / result["step"]
+        result["views"] = self.views
+        return result
+
+
+def benchmark(
     overrides: list[str],
     steps: int,
     warmup: int,
     device: torch.device,
     synthetic: tuple[int, int] | None = None,
-) -> dict[str, float]:
-    """Median seconds per phase of one training step of the configured method.
-
-    ``synthetic=(channels, size)`` uses random uint8 images instead of the configured dataset
-    (e.g. 3×32 for a CIFAR-sized benchmark on a machine without CIFAR).
-    """
-    cfg = load_config(None, overrides)
-    if synthetic is None:
-        dataset = load_split(cfg, "pretrain")
-        info = data_info(cfg, dataset)
-        batches = torch.stack([dataset[i][0] for i in range(cfg.batch_size)]).to(device)
-    else:
-        channels, size = synthetic
-        info = DataInfo(channels, size, (0.5,) * channels, (0.25,) * channels, num_classes=10)
-        gen = torch.Generator().manual_seed(0)
-        shape = (cfg.batch_size, channels, size, size)
-        batches = torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8).to(device)
-    method = build_method(cfg, info).to(device).train()
-    optimizer = torch.optim.Adam(method.parameters(), lr=cfg.lr)
-    phases: dict[str, list[float]] = {k: [] for k in ("augment", "forward", "loss", "backward")}
-    views_per_step = 0
-    for step in range(warmup + steps):
-        gen = torch.Generator().manual_seed(step)
-        t0 = _clock(device)
-        params = method.sample_views(cfg.batch_size, gen)
-        views = method.augment_views(batches, params)
-        t1 = _clock(device)
-        with _autocast(cfg.precision, device):
-            embeddings = method.forward_views(views, cfg.batch_size)
-            t2 = _clock(device)
-            loss = method.compute_loss(embeddings)["loss"]
-        t3 = _clock(device)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        t4 = _clock(device)
-        views_per_step = len(params)
-        if step >= warmup:
-            for key, value in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
-                phases[key].append(value)
-    result = {k: statistics.median(v) for k, v in phases.items()}
-    result["step"] = sum(result.values())
-    result["images_per_s"] = cfg.batch_size / result["step"]
-    result["views"] = views_per_step
-
-    # The backbone alone on the same images, in the same passes (2 views each) and precision.
-    backbone = method.backbone
-    images = torch.randn(
-        2 * cfg.batch_size,
-        info.channels,
-        info.image_size,
-        info.image_size,
-        device=device,
-    )
-    times = []
-    for step in range(warmup + steps):
-        t0 = _clock(device)
-        optimizer.zero_grad(set_to_none=True)
-        for _ in range(views_per_step // 2):  # as many passes of 2 views as the method makes
-            with _autocast(cfg.precision, device):
-                out = backbone(images).float().sum()
-            out.backward()
-        optimizer.step()
-        if step >= warmup:
-            times.append(_clock(device) - t0)
-    result["backbone_only"] = statistics.median(times)
-    return result
+) -> dict[str, dict[str, float]]:
+    """Median step phases of every variant. The variants and their backbone-alone steps run
+    round-robin, so slow drifts of the machine affect every ratio alike."""
+    benches = {name: Bench([*overrides, *v], device, synthetic) for name, v in VARIANTS.items()}
+    for round_ in track(range(warmup + steps), description="timing rounds"):
+        for bench in benches.values():
+            bench.step(round_, record=round_ >= warmup)
+            bench.backbone_step(record=round_ >= warmup)
+    return {name: bench.summary() for name, bench in benches.items()}
 
 
 def _percent(x: float) -> str:
@@ -158,10 +179,8 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tune_malloc()  # as the `care` command does
     torch.manual_seed(0)
-    results: dict[str, dict[str, float]] = {}
-    for name, variant in VARIANTS.items():
-        shape = parse_shape(args.synthetic) if args.synthetic else None
-        results[name] = time_method([*overrides, *variant], steps, warmup, device, shape)
+    shape = parse_shape(args.synthetic) if args.synthetic else None
+    results = benchmark(overrides, steps, warmup, device, shape)
     cfg = load_config(None, overrides)
     device_name = (
         torch.cuda.get_device_name()

@@ -114,10 +114,20 @@ class ContrastiveMethod(L.LightningModule):
             embeddings.extend(z.split(batch_size))
         return embeddings
 
+    def embed_views(self, stacks: list[Tensor], batch_size: int) -> list[Tensor]:
+        """Every embedding ``compute_loss`` takes (hook; MoCo adds its momentum keys)."""
+        return self.forward_views(stacks, batch_size)
+
+    def after_loss(self, embeddings: list[Tensor]) -> None:
+        """Bookkeeping once the step's loss is computed (hook; MoCo enqueues its keys)."""
+
     # -------------------------------------------------------------- training
     def loss_from_views(self, stacks: list[Tensor], batch_size: int) -> dict[str, Tensor]:
         """Loss terms of already augmented views (stacked in pairs, as ``augment_views`` returns)."""
-        return self.compute_loss(self.forward_views(stacks, batch_size))
+        embeddings = self.embed_views(stacks, batch_size)
+        losses = self.compute_loss(embeddings)
+        self.after_loss(embeddings)
+        return losses
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images = batch[0]

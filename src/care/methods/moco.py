@@ -97,13 +97,15 @@ class MoCo(ContrastiveMethod):
     def sample_views(self, n: int, generator: torch.Generator) -> list[AugParams]:
         return [self.augmenter.sample(n, generator) for _ in range(2)]
 
-    def loss_from_views(self, stacks: list[Tensor], batch_size: int) -> dict[str, Tensor]:
-        """Queries of every view, keys of the first pair; then the queue takes the new keys."""
+    def embed_views(self, stacks: list[Tensor], batch_size: int) -> list[Tensor]:
+        """Queries of every view, then the keys of the first pair."""
         queries = self.forward_views(stacks, batch_size)
-        keys = self.key_embed(stacks[0]).split(batch_size)
-        losses = self.compute_loss([*queries, *keys])
-        self.queue.push(gather_no_grad(keys[1]))
-        return losses
+        return [*queries, *self.key_embed(stacks[0]).split(batch_size)]
+
+    def after_loss(self, embeddings: list[Tensor]) -> None:
+        """The queue takes the second view's keys (from every rank), once they served as
+        this step's positives."""
+        self.queue.push(gather_no_grad(embeddings[-1]))
 
     def moco(self, q1: Tensor, q2: Tensor, k1: Tensor, k2: Tensor) -> InfoNCETerms:
         """The symmetrised MoCo terms of the first pair of views."""
