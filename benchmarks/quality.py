@@ -5,14 +5,18 @@ overridden), followed by `care probe` and `care equivariance RUN --against <simc
 (20 shared augmentation trials). Runs are resumable: a finished run, probe or equivariance file is
 reused, so the script can be stopped and started again.
 
-    python benchmarks/quality.py --stage main --seeds 3            # 5 methods × 3 seeds
-    python benchmarks/quality.py --stage sweep                     # λ sweep, both views, seed 0
-    python benchmarks/quality.py --stage long --weight 0.3 epochs=10   # best λ, longer budget
+    python benchmarks/quality.py --stage main --seeds 3            # 5 methods × 3 seeds, λ 0.01
+    python benchmarks/quality.py --stage main --weight 0.1 --variants simclr,care-shared
+    python benchmarks/quality.py --stage sweep --lambdas 0.1,1.0 --sweep-views separate
+    python benchmarks/quality.py --stage long --weight 0.1 train_samples=20000 epochs=6
     python benchmarks/quality.py --stage precision train_samples=5000 epochs=1  # fp32 vs bf16
     python benchmarks/quality.py --stage report                    # tables and plots only
 
-Settings after the options (`train_samples=20000 epochs=3`, the default budget) apply to every run.
-Outputs in --out: quality.json, quality.md, quality.png and lambda_sweep.png.
+Settings after the options (`train_samples=20000 epochs=3`, the default budget) apply to every run,
+and name its folder, --out/<budget>. After every stage the report covers every finished run in that
+folder, whichever stage made it: quality.md has one row per method and λ (mean ± std over its
+pretraining seeds), quality.json the per-run figures, quality.png the probe and W_f ÷ invariance
+bars, lambda_sweep.png the care runs of seed 0 against λ.
 """
 
 from __future__ import annotations
@@ -251,6 +255,9 @@ def main() -> None:
     parser.add_argument("--weight", type=float, default=0.01, help="λ of the main and long stages")
     parser.add_argument("--views", default="shared", help="care views of the long stage")
     parser.add_argument(
+        "--lambdas", default=",".join(map(str, LAMBDAS)), help="λ values of the sweep, in order"
+    )
+    parser.add_argument(
         "--sweep-views", default="shared,separate", help="care views of the sweep, in order"
     )
     parser.add_argument("--out", default="runs/quality")
@@ -276,7 +283,7 @@ def main() -> None:
             {"views": views},
         )
         for views in args.sweep_views.split(",")
-        for lam in LAMBDAS
+        for lam in (float(x) for x in args.lambdas.split(","))
     ]
     long_runs = [
         Run(run_name("simclr", None, 0), "simclr", 0, VARIANTS["simclr"]),
@@ -313,36 +320,66 @@ def main() -> None:
             execute(Run(baseline.name, "simclr", run.seed, VARIANTS["simclr"]), root, None, budget)
         execute(run, root, baseline, budget)
 
-    report: dict[str, Any] = {"budget": budget, "root": str(root)}
-    sections = []
-    finished = [r for r in main_runs if (root / r.name / "equivariance.json").is_file()]
-    if finished:
-        rows = [collect(r, root / r.name) for r in finished]
-        table = aggregate(rows, "variant")
-        report["main"] = {"rows": rows, "table": table}
-        title = f"Fashion-MNIST CPU preset, {' '.join(budget)}, λ = {args.weight}"
-        sections.append(markdown(table, title, "method"))
-        plot_main(table, root / "quality.png", title)
-    swept = [r for r in sweep_runs if (root / r.name / "equivariance.json").is_file()]
-    if swept:
-        rows = [collect(r, root / r.name) for r in swept]
-        table = aggregate(rows, "run")
-        table = {f"{r['variant']} λ={r['weight']}": table[r["run"]] for r in rows}
-        report["sweep"] = {"rows": rows, "table": table}
-        sections.append(markdown(table, f"λ sweep, seed 0, {' '.join(budget)}", "care"))
-        base_dir = root / run_name("simclr", None, 0)
-        base = (
-            collect(Run(base_dir.name, "simclr", 0, VARIANTS["simclr"]), base_dir)
-            if (base_dir / "equivariance.json").is_file()
-            else None
-        )
-        plot_sweep(rows, root / "lambda_sweep.png", base)
-    compared = [r for r in precision_runs if (root / r.name / "equivariance.json").is_file()]
-    if compared:
-        rows = [collect(r, root / r.name) for r in compared]
-        table = {f"{r['variant']} {r['precision']}": aggregate([r], "run")[r["run"]] for r in rows}
-        report["precision"] = {"rows": rows, "table": table}
-        sections.append(markdown(table, f"fp32 against bf16-mixed, {' '.join(budget)}", "run"))
+    write_report(root, budget)
+
+
+def discover(root: Path) -> list[dict[str, Any]]:
+    """Rows of every finished run under ``root`` (any stage), labelled from its config.yaml."""
+    import yaml
+
+    rows = []
+    for out in sorted(root.iterdir()):
+        if not (out / "equivariance.json").is_file():
+            continue
+        cfg = yaml.safe_load((out / "config.yaml").read_text())
+        method = cfg["method"]
+        variant = method if method in ("simclr", "moco") else f"{method}-{cfg['views']}"
+        weight = None if method in ("simclr", "moco") else float(cfg["weight"])
+        run = Run(out.name, variant, int(cfg["seed"]), [f"method={method}"], weight)
+        run.tags = {"views": cfg.get("views"), "precision": str(cfg.get("precision", "32"))}
+        rows.append(collect(run, out))
+    return rows
+
+
+def label(row: dict[str, Any]) -> str:
+    """``care-shared λ=0.1``, ``simclr``, ``simclr bf16-mixed``."""
+    text = row["variant"] + ("" if row["weight"] is None else f" λ={row['weight']:g}")
+    return text + ("" if row["precision"] == "32" else f" {row['precision']}")
+
+
+ORDER = ("simclr", "care-separate", "care-shared", "moco", "care_moco-separate", "care_moco-shared")
+
+
+def write_report(root: Path, budget: list[str]) -> None:
+    """quality.json, quality.md, quality.png and lambda_sweep.png from every finished run."""
+    rows = discover(root)
+    if not rows:
+        print(f"no finished runs in {root} yet")
+        return
+    rows.sort(
+        key=lambda r: (r["precision"], ORDER.index(r["variant"]), r["weight"] or 0.0, r["seed"])
+    )
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(label(row), []).append(row)
+    table = {
+        name: aggregate(members, "variant")[members[0]["variant"]]
+        for name, members in groups.items()
+    }
+    title = f"Fashion-MNIST CPU preset, {' '.join(budget)}"
+    sections = [markdown(table, title, "method")]
+    plot_main(table, root / "quality.png", title)
+    swept = [
+        r
+        for r in rows
+        if r["variant"].startswith("care-") and r["seed"] == 0 and r["precision"] == "32"
+    ]
+    simclr = [
+        r for r in rows if r["variant"] == "simclr" and r["seed"] == 0 and r["precision"] == "32"
+    ]
+    if len({r["weight"] for r in swept}) > 1:
+        plot_sweep(swept, root / "lambda_sweep.png", simclr[0] if simclr else None)
+    report = {"budget": budget, "root": str(root), "rows": rows, "table": table}
     (root / "quality.json").write_text(json.dumps(report, indent=2))
     (root / "quality.md").write_text("\n".join(sections))
     print("\n".join(sections))
