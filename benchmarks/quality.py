@@ -181,26 +181,37 @@ def markdown(table: dict[str, dict[str, Any]], title: str, label: str) -> str:
 
 
 def plot_main(table: dict[str, dict[str, Any]], path: Path, title: str) -> None:
+    """Horizontal bars per method and λ: probe accuracy and W_f ÷ invariance distance, with the
+    standard deviation over pretraining seeds and the seed count in each bar."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(table)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, metric, label in (
+    names = list(table)[::-1]  # first row on top
+    fig, axes = plt.subplots(1, 2, figsize=(12, 1.2 + 0.45 * len(names)), sharey=True)
+    for ax, metric, xlabel in (
         (axes[0], "linear", "linear probe accuracy (%)"),
         (axes[1], "wahba_ratio", "W_f ÷ invariance distance (lower: more equivariant)"),
     ):
         values = [table[n].get(metric, float("nan")) for n in names]
         errors = [table[n].get(f"{metric}_std", 0.0) for n in names]
-        ax.bar(names, values, yerr=errors, capsize=4, color="#4c72b0")
+        colors = ["#4c72b0" if n.startswith(("care", "care_moco")) else "#8c8c8c" for n in names]
+        ax.barh(names, values, xerr=errors, capsize=3, color=colors)
         low, high = min(values), max(values)
-        pad = max(0.1 * (high - low), 0.02 * abs(high) + 1e-6)
-        ax.set_ylim(low - 4 * pad, high + 2 * pad)
-        ax.set_ylabel(label)
-        ax.tick_params(axis="x", rotation=20)
-    fig.suptitle(title)
+        pad = max(0.1 * (high - low), 0.01 * abs(high) + 1e-6)
+        ax.set_xlim(low - 3 * pad, high + 2 * pad)
+        ax.set_xlabel(xlabel)
+        for y, n in enumerate(names):
+            ax.annotate(
+                f"{table[n]['seeds']}×",
+                (ax.get_xlim()[0], y),
+                xytext=(3, -3),
+                textcoords="offset points",
+                fontsize=7,
+                color="white",
+            )
+    fig.suptitle(f"{title} (n× = pretraining seeds; bars: mean ± std)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
