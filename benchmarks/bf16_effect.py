@@ -40,7 +40,7 @@ def loss_and_grad(
         losses = method.loss_from_views(stacks, n)  # type: ignore[operator]
     losses["loss"].backward()
     grads = [p.grad.flatten() for p in method.parameters() if p.grad is not None]
-    return {k: float(v) for k, v in losses.items()}, torch.cat(grads).double()
+    return {k: float(v.detach()) for k, v in losses.items()}, torch.cat(grads).double()
 
 
 def compare(overrides: list[str], batches: int) -> dict[str, float]:
