@@ -154,13 +154,21 @@ def _cell(entry: dict[str, Any], metric: str, digits: int) -> str:
     return f"{value:.{digits}f} ± {std:.{digits}f}" if entry["seeds"] > 1 else f"{value:.{digits}f}"
 
 
+def _signed(entry: dict[str, Any]) -> str:
+    if "probe_gain" not in entry:
+        return "–"
+    gain, std = entry["probe_gain"], entry["probe_gain_std"]
+    return f"{gain:+.2f} ± {std:.2f}" if entry["seeds"] > 1 else f"{gain:+.2f}"
+
+
 def markdown(table: dict[str, dict[str, Any]], title: str, label: str) -> str:
     lines = [
         f"### {title}",
         "",
         f"| {label} | seeds | linear probe % | kNN % | W_f/√n | W_f ÷ inv. dist. | γ_f | "
-        "composition | trials with lower W_f than simclr | … lower W_f ÷ inv. |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "composition | probe − simclr (same seeds) | trials with lower W_f than simclr | "
+        "… lower W_f ÷ inv. |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, e in table.items():
         lower = f"{e['lower_wahba_trials']}/{e['trials']}" if "trials" in e else "–"
@@ -168,7 +176,7 @@ def markdown(table: dict[str, dict[str, Any]], title: str, label: str) -> str:
         lines.append(
             f"| {name} | {e['seeds']} | {_cell(e, 'linear', 2)} | {_cell(e, 'knn', 2)} | "
             f"{_cell(e, 'wahba', 4)} | {_cell(e, 'wahba_ratio', 3)} | {_cell(e, 'gamma', 3)} | "
-            f"{_cell(e, 'composition', 3)} | {lower} | {ratio} |"
+            f"{_cell(e, 'composition', 3)} | {_signed(e)} | {lower} | {ratio} |"
         )
     lines += [
         "",
@@ -377,6 +385,16 @@ def write_report(root: Path, budget: list[str]) -> None:
         name: aggregate(members, "variant")[members[0]["variant"]]
         for name, members in groups.items()
     }
+    for name, members in groups.items():  # probe gain over simclr of the same seed
+        baseline = {
+            r["seed"]: r["linear"]
+            for r in rows
+            if r["variant"] == "simclr" and r["precision"] == members[0]["precision"]
+        }
+        gains = [m["linear"] - baseline[m["seed"]] for m in members if m["seed"] in baseline]
+        if gains and members[0]["variant"] != "simclr":
+            table[name]["probe_gain"] = statistics.fmean(gains)
+            table[name]["probe_gain_std"] = statistics.stdev(gains) if len(gains) > 1 else 0.0
     title = f"Fashion-MNIST CPU preset, {' '.join(budget)}"
     sections = [markdown(table, title, "method")]
     plot_main(table, root / "quality.png", title)
