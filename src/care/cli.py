@@ -219,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _quiet_lightning()
     from care.augment import tune_malloc
 
-    tune_malloc()  # keep freed CPU tensors in the heap: fewer page faults per step
+    tune_malloc()  # serve CPU tensors from the heap and keep it: fewer page faults per step
     try:
         return int(args.handler(args))
     except CareError as exc:

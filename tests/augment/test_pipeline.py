@@ -169,9 +169,29 @@ def test_cuda_matches_cpu(c: int) -> None:
     torch.testing.assert_close(out_gpu2, out_gpu)
 
 
+def _mmapped_bytes() -> int | None:
+    """glibc's count of bytes currently in mmap'd blocks (``mallinfo2().hblkhd``), if available."""
+    import ctypes
+    import ctypes.util
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks",
+                    "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]  # fmt: skip
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    if not hasattr(libc, "mallinfo2"):
+        return None
+    libc.mallinfo2.restype = MallInfo2
+    return int(libc.mallinfo2().hblkhd)
+
+
 def test_tune_malloc() -> None:
     # Process-wide but harmless: glibc keeps freed memory instead of returning it to the OS.
     expected = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
     assert tune_malloc() is expected
     out, _ = make(3, size=8)(uint8_images(4, 3, 8), gen())
     assert out.shape == (4, 3, 8, 8)
+    if expected and (before := _mmapped_bytes()) is not None:
+        big = torch.ones(64 * 2**20 // 4)  # 64 MiB: above glibc's largest mmap threshold
+        assert _mmapped_bytes() == before, "a 64 MiB tensor was mmap'd despite tune_malloc"
+        del big
