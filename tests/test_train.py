@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -98,6 +99,17 @@ def test_existing_run_needs_resume(fake_fmnist: Path, tmp_path: Path) -> None:
         pretrain(load_config(None, tiny(fake_fmnist, tmp_path / "r")))
     with pytest.raises(CareError, match="different 'lr'"):
         pretrain(load_config(None, tiny(fake_fmnist, tmp_path / "r", "resume=true", "lr=0.5")))
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_cpu_without_native_bf16_warns(
+    fake_fmnist: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any, native: bool
+) -> None:
+    monkeypatch.setattr("care.train.cpu_has_native_bf16", lambda: native)
+    run = pretrain(load_config(None, tiny(fake_fmnist, tmp_path / "r", "precision=bf16-mixed")))
+    assert run.summary.is_file()
+    warned = "precision=bf16-mixed on a CPU without avx512_bf16" in capsys.readouterr().err
+    assert warned is not native
 
 
 def test_too_few_images_for_a_batch(fake_fmnist: Path, tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -208,6 +209,13 @@ class Throughput(Callback):
         return {"step_time_s": step, "images_per_s": self.images_per_step / step}
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (avx512_bf16 or AMX); without, oneDNN emulates it."""
+    cpu = torch.cpu
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+
+
 def data_info(cfg: Config, dataset: LabeledImages) -> DataInfo:
     """Channels, output size and normalisation of a dataset under this config."""
     stored = dataset.image_shape[-1]
@@ -340,6 +348,13 @@ def pretrain(cfg: Config) -> RunDir:
         enable_model_summary=False,
         default_root_dir=str(run.root),
     )
+    emulated_bf16 = trainer.strategy.root_device.type == "cpu" and not cpu_has_native_bf16()
+    if trainer.is_global_zero and cfg.precision == "bf16-mixed" and emulated_bf16:
+        print(
+            "warning: precision=bf16-mixed on a CPU without avx512_bf16 or AMX is emulated and"
+            " many times slower than fp32; use precision=32 on this machine",
+            file=sys.stderr,
+        )
     if trainer.is_global_zero:  # rank 0 alone writes; Lightning saves checkpoints on rank 0 only
         run.root.mkdir(parents=True, exist_ok=True)
         run.write_config(cfg)
