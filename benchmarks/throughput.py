@@ -10,12 +10,17 @@ overhead is a ratio within one run.
     python benchmarks/throughput.py precision=bf16-mixed steps=10
     python benchmarks/throughput.py --json out.json backbone=resnet18 widths=[64,128,256,512]
     python benchmarks/throughput.py --synthetic 3x32 widths=[64,128,256,512]   # ResNet-18, 32 px RGB
+    python benchmarks/throughput.py --no-tune-malloc      # glibc's default malloc, for comparison
+
+The last column counts the minor page faults of a method's step (median): memory the allocator
+returned to the OS and faulted in again, which `care.augment.tune_malloc` avoids.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import time
 from contextlib import AbstractContextManager, nullcontext
@@ -90,11 +95,12 @@ class Bench:
         self.images = torch.randn(
             2 * cfg.batch_size, info.channels, info.image_size, info.image_size, device=device
         )
-        self.times: dict[str, list[float]] = {k: [] for k in (*PHASES, "backbone_only")}
+        self.times: dict[str, list[float]] = {k: [] for k in (*PHASES, "backbone_only", "faults")}
 
     def step(self, seed: int, record: bool) -> None:
         """One training step exactly as ``training_step`` makes it, timed per phase."""
         method, cfg, device = self.method, self.cfg, self.device
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t0 = _clock(device)
         method.on_train_batch_start(None, seed)  # MoCo's momentum update; a no-op otherwise
         params = method.sample_views(cfg.batch_size, torch.Generator().manual_seed(seed))
@@ -113,6 +119,7 @@ class Bench:
         if record:
             for key, value in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
                 self.times[key].append(value)
+            self.times["faults"].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
 
     def backbone_step(self, record: bool) -> None:
         """Forward + backward + optimiser step of the backbone alone on the same images."""
@@ -165,6 +172,11 @@ def main() -> None:
         metavar="CxS",
         help="random uint8 images of C channels and S px instead of the dataset, e.g. 3x32",
     )
+    parser.add_argument(
+        "--no-tune-malloc",
+        action="store_true",
+        help="keep glibc's default malloc instead of care.augment.tune_malloc, as `care` sets it",
+    )
     args = parser.parse_args()
     steps, warmup = 5, 2
     overrides = []
@@ -177,7 +189,7 @@ def main() -> None:
         else:
             overrides.append(item)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tune_malloc()  # as the `care` command does
+    tuned = False if args.no_tune_malloc else tune_malloc()  # as the `care` command does
     torch.manual_seed(0)
     shape = parse_shape(args.synthetic) if args.synthetic else None
     results = benchmark(overrides, steps, warmup, device, shape)
@@ -190,7 +202,7 @@ def main() -> None:
     print(
         f"device: {device_name}; backbone {cfg.backbone} widths {cfg.widths}; batch {cfg.batch_size}; "
         f"images {args.synthetic or cfg.dataset}; precision {cfg.precision}; "
-        f"median of {steps} steps after {warmup} warm-up"
+        f"median of {steps} steps after {warmup} warm-up; tuned malloc {tuned}"
     )
     header = (
         "method",
@@ -205,6 +217,7 @@ def main() -> None:
         "vs simclr",
         "backbone-only s",
         "vs backbone",
+        "page faults",
     )
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
@@ -216,12 +229,17 @@ def main() -> None:
             f"{_percent(share['augment'])} | {_percent(share['forward'])} | {_percent(share['loss'])} | "
             f"{_percent(share['backward'])} | {_percent(share['augment'] + share['loss'])} | "
             f"{r['step'] / base:.2f}× | {r['backbone_only']:.3f} | "
-            f"{r['step'] / r['backbone_only']:.2f}× |"
+            f"{r['step'] / r['backbone_only']:.2f}× | {r['faults']:.0f} |"
         )
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(
-                {"device": device_name, "overrides": overrides, "results": results},
+                {
+                    "device": device_name,
+                    "overrides": overrides,
+                    "tuned_malloc": tuned,
+                    "results": results,
+                },
                 handle,
                 indent=2,
             )

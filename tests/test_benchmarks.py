@@ -7,6 +7,7 @@ mean nothing and no timing is asserted.
 from __future__ import annotations
 
 import json
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -46,9 +47,12 @@ def test_throughput_times_every_method_and_the_backbone_alone(tmp_path: Path) ->
         phases = r["augment"] + r["forward"] + r["loss"] + r["backward"]
         assert abs(r["step"] - phases) < 1e-9 and r["step"] > 0
         assert r["images_per_s"] == 16 / r["step"] and r["backbone_only"] > 0
+        assert r["faults"] >= 0
     assert results["care (separate views)"]["views"] == 4
     assert results["care (shared views)"]["views"] == 2
     assert printed.count("\n| ") == 6  # header and five methods
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert payload["tuned_malloc"] is glibc  # as the `care` command sets it
 
 
 def test_bf16_effect_compares_loss_terms_and_gradients(tmp_path: Path, fake_fmnist: Path) -> None:
