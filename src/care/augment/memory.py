@@ -5,7 +5,8 @@ temporaries of a batched augmentation are handed back to the OS after every batc
 or heap trimming) and page-faulted in again on the next one: on a 2-core machine that is about a
 third of the time of a 256-image 32x32x3 batch. Raising the mmap threshold is not enough for
 activations above glibc's 32 MiB ceiling: a ResNet-18 step at 32 px with 4 views maps and unmaps
-them every step (300k minor page faults, a fifth of its time on 2 cores). :func:`tune_malloc`
+them every step (660k minor page faults, over a quarter of its time on 2 cores; compare
+`benchmarks/throughput.py --no-tune-malloc`). :func:`tune_malloc`
 therefore serves every allocation from the heap and stops trimming it, so freed memory is reused.
 It changes the whole process, so it is never called implicitly; an entry point (CLI, benchmark)
 may call it once. The ``MALLOC_MMAP_MAX_=0`` / ``MALLOC_TRIM_THRESHOLD_`` environment variables,
@@ -21,9 +22,7 @@ import sys
 __all__ = ["tune_malloc"]
 
 _M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
 _M_MMAP_MAX = -4
-_MMAP_THRESHOLD_MAX = 32 * 2**20  # glibc's upper limit on 64-bit
 
 
 def tune_malloc(trim_threshold: int = 2**30) -> bool:
@@ -42,7 +41,6 @@ def tune_malloc(trim_threshold: int = 2**30) -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    ok_threshold = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) == 1
-    ok_mmap = mallopt(_M_MMAP_MAX, 0) == 1
+    ok_mmap = mallopt(_M_MMAP_MAX, 0) == 1  # no mmap'd blocks: the mmap threshold never applies
     ok_trim = mallopt(_M_TRIM_THRESHOLD, min(trim_threshold, 2**31 - 1)) == 1
-    return ok_threshold and ok_mmap and ok_trim
+    return ok_mmap and ok_trim
