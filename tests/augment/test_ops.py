@@ -12,8 +12,8 @@ from torch import Tensor
 
 from care.augment import ops
 from care.errors import CareError
-
-W_R, W_G, W_B = 0.299, 0.587, 0.114
+from tests.augment import reference
+from tests.augment.reference import ref_gray
 
 
 def rand_images(b: int, c: int, h: int, w: int | None = None, seed: int = 0) -> Tensor:
@@ -21,42 +21,35 @@ def rand_images(b: int, c: int, h: int, w: int | None = None, seed: int = 0) -> 
     return torch.rand(b, c, h, w or h, generator=g)
 
 
-def ref_gray(img: Tensor) -> Tensor:
-    """Luma of one (C, H, W) image as (1, H, W)."""
-    if img.shape[0] == 1:
-        return img
-    return W_R * img[0:1] + W_G * img[1:2] + W_B * img[2:3]
+def jitter_only(x: Tensor, op: int, factor: Tensor) -> Tensor:
+    """``ops.color_jitter`` with only op ``op`` (0=brightness, 1=contrast, 2=saturation) active."""
+    n = x.shape[0]
+    factors = [torch.ones(n), torch.ones(n), torch.ones(n)]
+    factors[op] = factor
+    return ops.color_jitter(x, *factors, torch.zeros(n), torch.arange(4).repeat(n, 1))
 
 
 @pytest.mark.parametrize("c", [1, 3])
 def test_brightness(c: int) -> None:
     x = rand_images(5, c, 6)
     f = torch.tensor([0.0, 0.6, 1.0, 1.4, 2.5])
-    expected = torch.stack([(x[i] * f[i]).clamp(0, 1) for i in range(5)])
-    torch.testing.assert_close(ops.adjust_brightness(x, f), expected)
+    torch.testing.assert_close(jitter_only(x, 0, f), reference.adjust_brightness(x, f))
 
 
 @pytest.mark.parametrize("c", [1, 3])
 def test_contrast(c: int) -> None:
     x = rand_images(5, c, 6, seed=1)
     f = torch.tensor([0.0, 0.6, 1.0, 1.4, 2.5])
-    expected = []
-    for i in range(5):
-        mean = ref_gray(x[i]).mean()
-        expected.append((f[i] * x[i] + (1 - f[i]) * mean).clamp(0, 1))
-    torch.testing.assert_close(ops.adjust_contrast(x, f), torch.stack(expected))
+    torch.testing.assert_close(jitter_only(x, 1, f), reference.adjust_contrast(x, f))
 
 
 def test_saturation() -> None:
     x = rand_images(5, 3, 6, seed=2)
     f = torch.tensor([0.0, 0.6, 1.0, 1.4, 2.5])
-    expected = torch.stack(
-        [(f[i] * x[i] + (1 - f[i]) * ref_gray(x[i])).clamp(0, 1) for i in range(5)]
-    )
-    torch.testing.assert_close(ops.adjust_saturation(x, f), expected)
+    torch.testing.assert_close(jitter_only(x, 2, f), reference.adjust_saturation(x, f))
     # Saturation of a gray image is the image itself.
     g = rand_images(2, 1, 4)
-    assert torch.equal(ops.adjust_saturation(g, torch.tensor([0.5, 1.5])), g)
+    assert torch.equal(jitter_only(g, 2, torch.tensor([0.5, 1.5])), g)
 
 
 def ref_hue(img: Tensor, shift: float) -> Tensor:
@@ -90,13 +83,9 @@ def test_hue_matches_colorsys() -> None:
 
 
 @pytest.mark.parametrize("c", [1, 3])
-def test_to_grayscale(c: int) -> None:
+def test_grayscale(c: int) -> None:
+    # (Masked grayscale rows: tests/augment/test_pipeline.py, test_grayscale_rows_match_reference.)
     x = rand_images(4, c, 5, seed=4)
-    mask = torch.tensor([True, False, True, False])
-    out = ops.to_grayscale(x, mask)
-    for i in range(4):
-        expected = ref_gray(x[i]).expand(c, -1, -1) if mask[i] else x[i]
-        torch.testing.assert_close(out[i], expected)
     assert torch.equal(ops.grayscale(x), torch.stack([ref_gray(x[i]) for i in range(4)]))
 
 
@@ -131,12 +120,12 @@ def test_gaussian_blur_rejects_bad_kernels() -> None:
         ops.gaussian_blur(x, torch.ones(1), 9)
 
 
-def test_hflip() -> None:
-    x = rand_images(3, 3, 4, 5)
+def test_fused_flip_of_full_box_is_hflip() -> None:
+    x = rand_images(3, 3, 5)
+    full = torch.tensor([[0.0, 0.0, 1.0, 1.0]]).expand(3, 4)
     mask = torch.tensor([True, False, True])
-    out = ops.hflip(x, mask)
-    for i in range(3):
-        assert torch.equal(out[i], x[i].flip(-1) if mask[i] else x[i])
+    out = ops.resized_crop(x, full, 5, flip=mask)
+    torch.testing.assert_close(out, reference.hflip(x, mask), atol=1e-6, rtol=0)
 
 
 def test_resized_crop_full_image_is_identity_or_plain_resize() -> None:
@@ -172,7 +161,7 @@ def test_resized_crop_matches_affine_grid_and_fused_flip() -> None:
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
     flip = torch.tensor([True, False, False, True])
     torch.testing.assert_close(
-        ops.resized_crop(x, box, 7, flip=flip), ops.hflip(out, flip), atol=1e-6, rtol=0
+        ops.resized_crop(x, box, 7, flip=flip), reference.hflip(out, flip), atol=1e-6, rtol=0
     )
 
 
@@ -180,11 +169,11 @@ def ref_jitter(img: Tensor, factors: tuple[float, float, float, float], order: l
     one = torch.ones(1)
     for op in order:
         if op == 0:
-            img = ops.adjust_brightness(img[None], one * factors[0])[0]
+            img = reference.adjust_brightness(img[None], one * factors[0])[0]
         elif op == 1:
-            img = ops.adjust_contrast(img[None], one * factors[1])[0]
+            img = reference.adjust_contrast(img[None], one * factors[1])[0]
         elif op == 2:
-            img = ops.adjust_saturation(img[None], one * factors[2])[0]
+            img = reference.adjust_saturation(img[None], one * factors[2])[0]
         elif factors[3] != 0:
             img = ops.adjust_hue(img[None], one * factors[3])[0]
     return img

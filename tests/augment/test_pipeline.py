@@ -9,8 +9,10 @@ import pytest
 import torch
 from torch import Tensor
 
-from care.augment import Augmenter, AugmentRecipe, AugParams, default_blur_kernel, tune_malloc
+from care.augment import Augmenter, AugmentRecipe, default_blur_kernel, tune_malloc
 from care.errors import CareError
+from tests.augment import reference
+from tests.augment.reference import identity_params
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -90,8 +92,18 @@ def test_indivisible_batch_is_a_care_error() -> None:
 def test_identity_params_only_normalise(c: int) -> None:
     images = uint8_images(6, c, 16, seed=8)
     aug = make(c, size=16)
-    out = aug.apply(images, AugParams.identity(6))
+    out = aug.apply(images, identity_params(6))
     expected = (images.float() / 255 - 0.5) / 0.25
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("c", [1, 3])
+def test_grayscale_rows_match_reference(c: int) -> None:
+    images = uint8_images(4, c, 16, seed=18)
+    params = identity_params(4)
+    params.grayscale[:] = torch.tensor([True, False, True, False])
+    out = make(c, size=16).apply(images, params)
+    expected = (reference.to_grayscale(images.float() / 255, params.grayscale) - 0.5) / 0.25
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
 
 
@@ -131,18 +143,18 @@ def test_batched_equals_one_image_at_a_time(c: int) -> None:
     images = uint8_images(8, c, 20, seed=16)
     out, p = aug(images, gen(17), group_size=2)
     for i in range(8):
-        single = aug.apply(images[i : i + 1], p.index(slice(i, i + 1)))
+        single = aug.apply(images[i : i + 1], reference.rows(p, slice(i, i + 1)))
         torch.testing.assert_close(single[0], out[i], atol=1e-5, rtol=0)
 
 
 def test_errors_name_the_input() -> None:
     aug = make(3)
     with pytest.raises(CareError, match="channels"):
-        aug.apply(uint8_images(2, 1, 16), AugParams.identity(2))
+        aug.apply(uint8_images(2, 1, 16), identity_params(2))
     with pytest.raises(CareError, match="parameter rows"):
-        aug.apply(uint8_images(2, 3, 16), AugParams.identity(3))
+        aug.apply(uint8_images(2, 3, 16), identity_params(3))
     with pytest.raises(CareError, match="uint8 or float"):
-        aug.apply(torch.zeros(2, 3, 16, 16, dtype=torch.int32), AugParams.identity(2))
+        aug.apply(torch.zeros(2, 3, 16, 16, dtype=torch.int32), identity_params(2))
     with pytest.raises(CareError, match="std"):
         Augmenter(AugmentRecipe(), 16, [0.5] * 3, [0.0] * 3)
     with pytest.raises(CareError, match="odd"):

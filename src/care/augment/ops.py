@@ -15,17 +15,12 @@ from care.errors import CareError
 
 __all__ = [
     "GRAY_WEIGHTS",
-    "adjust_brightness",
-    "adjust_contrast",
     "adjust_hue",
-    "adjust_saturation",
     "color_jitter",
     "gaussian_blur",
     "gaussian_kernels",
     "grayscale",
-    "hflip",
     "resized_crop",
-    "to_grayscale",
 ]
 
 #: ITU-R 601-2 luma weights (as PIL's ``convert("L")``; torchvision's tensor path uses 0.2989).
@@ -56,7 +51,7 @@ def resized_crop(images: Tensor, crop: Tensor, size: int, flip: Tensor | None = 
     ``F.affine_grid`` for the box's axis-aligned affine map, but is built by broadcasting (the
     generic ``affine_grid`` is a batched matmul several times slower than ``grid_sample``
     on the CPU). ``flip`` (``(B,)`` bool) mirrors the grid horizontally for those rows, which
-    equals :func:`hflip` after the crop at no extra cost. No antialiasing when downscaling.
+    equals mirroring the output left to right at no extra cost. No antialiasing when downscaling.
     """
     if images.dim() != 4:
         raise CareError(
@@ -77,34 +72,6 @@ def resized_crop(images: Tensor, crop: Tensor, size: int, flip: Tensor | None = 
     grid[..., 0] = gx[:, None, :]
     grid[..., 1] = gy[:, :, None]
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-
-def hflip(images: Tensor, mask: Tensor) -> Tensor:
-    """Mirror the rows where ``mask`` is true, left to right."""
-    return torch.where(_col(mask), images.flip(-1), images)
-
-
-def adjust_brightness(x: Tensor, factor: Tensor) -> Tensor:
-    """``clamp(x * f, 0, 1)`` per image."""
-    return (x * _col(factor)).clamp_(0, 1)
-
-
-def adjust_contrast(x: Tensor, factor: Tensor) -> Tensor:
-    """Blend each image with the mean of its luma: ``clamp(f x + (1 - f) mean, 0, 1)``."""
-    mean = grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
-    f = _col(factor)
-    return (f * x + (1 - f) * mean).clamp_(0, 1)
-
-
-def adjust_saturation(x: Tensor, factor: Tensor) -> Tensor:
-    """Blend each image with its luma: ``clamp(f x + (1 - f) gray, 0, 1)``.
-
-    A 1-channel image is its own luma, so it is returned as is.
-    """
-    if x.shape[1] == 1:
-        return x
-    f = _col(factor)
-    return (f * x + (1 - f) * grayscale(x)).clamp_(0, 1)
 
 
 def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
@@ -142,16 +109,6 @@ def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
     offset, slope, bias = consts.view(3, 1, 3, 1, 1).unbind(0)
     t = (h6.unsqueeze(1) - offset).abs_().mul_(slope).add_(bias).clamp_(0, 1)
     return t.mul_(chroma.unsqueeze(1)).add_(minc.unsqueeze(1))
-
-
-def to_grayscale(x: Tensor, mask: Tensor) -> Tensor:
-    """Replace the rows where ``mask`` is true by their luma, replicated to all channels.
-
-    A 1-channel batch is returned as is.
-    """
-    if x.shape[1] == 1:
-        return x
-    return torch.where(_col(mask), grayscale(x).expand_as(x), x)
 
 
 def _blend(x: Tensor, a: Tensor, sat: Tensor, con: Tensor, use_mean: bool) -> Tensor:

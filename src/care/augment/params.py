@@ -156,11 +156,6 @@ class AugParams:
         """The fields as a ``{name: tensor}`` dict (e.g. for saving with safetensors)."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Tensor]) -> AugParams:
-        """Inverse of :meth:`as_dict`."""
-        return cls(**{f.name: data[f.name] for f in fields(cls)})
-
     def to(self, device: torch.device | str) -> AugParams:
         """The same record with every tensor on ``device``."""
         return AugParams(**{k: v.to(device) for k, v in self.as_dict().items()})
@@ -168,38 +163,6 @@ class AugParams:
     @property
     def device(self) -> torch.device:
         return self.crop.device
-
-    def index(self, idx: Tensor | slice) -> AugParams:
-        """Rows ``idx`` (an index tensor, a bool mask or a slice) of every field."""
-        return AugParams(**{k: v[idx] for k, v in self.as_dict().items()})
-
-    @staticmethod
-    def cat(records: Sequence[AugParams]) -> AugParams:
-        """Concatenate records along the batch dimension."""
-        if not records:
-            raise CareError("AugParams.cat: needs at least one record")
-        return AugParams(
-            **{f.name: torch.cat([getattr(r, f.name) for r in records]) for f in fields(AugParams)}
-        )
-
-    @staticmethod
-    def identity(n: int, device: torch.device | str | None = None) -> AugParams:
-        """``n`` rows that leave an image unchanged (full crop, no flip, jitter, gray, blur)."""
-        crop = torch.tensor([0.0, 0.0, 1.0, 1.0], device=device).repeat(n, 1)
-        false = torch.zeros(n, dtype=torch.bool, device=device)
-        ones = torch.ones(n, device=device)
-        return AugParams(
-            crop=crop,
-            flip=false,
-            jitter=false.clone(),
-            brightness=ones,
-            contrast=ones.clone(),
-            saturation=ones.clone(),
-            hue=torch.zeros(n, device=device),
-            jitter_order=torch.arange(4, device=device).repeat(n, 1),
-            grayscale=false.clone(),
-            blur_sigma=torch.zeros(n, device=device),
-        )
 
     def features(self) -> Tensor:
         """``(B, 11)`` float32 matrix of scalar parameters, columns as in ``FEATURE_NAMES``.
