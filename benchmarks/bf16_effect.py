@@ -21,8 +21,8 @@ import torch
 from rich.progress import track
 
 from care.config import load_config
-from care.methods import build_method
-from care.train import data_info, load_split
+from care.data import data_info, load_split
+from care.methods import ContrastiveMethod, Views, build_method
 
 VARIANTS: dict[str, list[str]] = {
     "simclr": ["method=simclr"],
@@ -32,12 +32,12 @@ VARIANTS: dict[str, list[str]] = {
 
 
 def loss_and_grad(
-    method: torch.nn.Module, stacks: list[torch.Tensor], n: int, bf16: bool
+    method: ContrastiveMethod, views: Views, bf16: bool
 ) -> tuple[dict[str, float], torch.Tensor]:
     """Loss terms and the flattened gradient of one step, in float32 or under bf16 autocast."""
     method.zero_grad(set_to_none=True)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        losses = method.loss_from_views(stacks, n)  # type: ignore[operator]
+        losses = method.compute_losses(views)
     losses["loss"].backward()
     grads = [p.grad.flatten() for p in method.parameters() if p.grad is not None]
     return {k: float(v.detach()) for k, v in losses.items()}, torch.cat(grads).double()
@@ -53,12 +53,11 @@ def compare(overrides: list[str], batches: int) -> dict[str, float]:
     for b in range(batches):
         n = cfg.batch_size
         images = torch.stack([dataset[b * n + i][0] for i in range(n)])
-        params = method.sample_views(n, torch.Generator().manual_seed(b))
-        stacks = method.augment_views(images, params)
+        views = method.make_views(images, torch.Generator().manual_seed(b))  # in float32
         method.load_state_dict(state)  # BatchNorm running stats: both passes start alike
-        loss32, grad32 = loss_and_grad(method, stacks, n, bf16=False)
+        loss32, grad32 = loss_and_grad(method, views, bf16=False)
         method.load_state_dict(state)
-        loss16, grad16 = loss_and_grad(method, stacks, n, bf16=True)
+        loss16, grad16 = loss_and_grad(method, views, bf16=True)
         for key in loss32:
             rel = abs(loss16[key] - loss32[key]) / max(abs(loss32[key]), 1e-12)
             figures.setdefault(f"rel_change_{key}", []).append(rel)

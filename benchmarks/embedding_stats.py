@@ -16,8 +16,7 @@ import argparse
 import torch
 
 from care.augment.eval import eval_transform
-from care.evaluate.equivariance import load_encoder
-from care.train import load_split
+from care.evaluate.equivariance import load_trained
 
 
 def main() -> None:
@@ -28,8 +27,7 @@ def main() -> None:
     print("| run | embedding | d | mean spatial norm | largest sv | smallest sv | ratio |")
     print("|---|---|---|---|---|---|---|")
     for run in args.runs:
-        encoder, _ = load_encoder(run, "projection")
-        dataset = load_split(encoder.cfg, "test")
+        encoder, dataset = load_trained(run, "projection", "test")
         count = min(args.samples, len(dataset))
         images = torch.stack([dataset[i][0] for i in range(count)])
         info = encoder.info

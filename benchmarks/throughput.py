@@ -30,8 +30,8 @@ from rich.progress import track
 
 from care.augment import tune_malloc
 from care.config import load_config
-from care.methods import DataInfo, build_method
-from care.train import data_info, load_split
+from care.data import DataInfo, data_info, load_split
+from care.methods import ContrastiveMethod, build_method
 
 VARIANTS: dict[str, list[str]] = {
     "simclr": ["method=simclr"],
@@ -65,6 +65,11 @@ def parse_shape(text: str) -> tuple[int, int]:
     return int(channels), int(size)
 
 
+def view_count(method: ContrastiveMethod) -> int:
+    """Views a step embeds with gradient: 2, or 4 with group-shared views of their own."""
+    return 4 if method.uses_groups and not method.shares_views else 2
+
+
 class Bench:
     """One configured method, its optimiser and a fixed batch of uint8 images.
 
@@ -89,7 +94,15 @@ class Bench:
         self.device, self.batch = device, batch.to(device)
         self.method = build_method(cfg, info).to(device).train()
         self.optimizer = torch.optim.Adam(self.method.parameters(), lr=cfg.lr)
-        self.views = len(self.method.sample_views(cfg.batch_size, torch.Generator()))
+        self.views = view_count(self.method)
+        # The forward phase is the time spent inside the encoders (queries and MoCo's keys).
+        self.forward_time = 0.0
+        self._entered = 0.0
+        for name in ("encoder", "key_encoder"):
+            if hasattr(self.method, name):
+                module = getattr(self.method, name)
+                module.register_forward_pre_hook(self._enter)
+                module.register_forward_hook(self._leave)
         # The backbone alone sees as many images as the method embeds with gradient, in the
         # same passes of 2 views each.
         self.images = torch.randn(
@@ -97,27 +110,31 @@ class Bench:
         )
         self.times: dict[str, list[float]] = {k: [] for k in (*PHASES, "backbone_only", "faults")}
 
+    def _enter(self, module: torch.nn.Module, args: object) -> None:
+        self._entered = _clock(self.device)
+
+    def _leave(self, module: torch.nn.Module, args: object, output: object) -> None:
+        self.forward_time += _clock(self.device) - self._entered
+
     def step(self, seed: int, record: bool) -> None:
         """One training step exactly as ``training_step`` makes it, timed per phase."""
         method, cfg, device = self.method, self.cfg, self.device
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t0 = _clock(device)
-        method.on_train_batch_start(None, seed)  # MoCo's momentum update; a no-op otherwise
-        params = method.sample_views(cfg.batch_size, torch.Generator().manual_seed(seed))
-        stacks = method.augment_views(self.batch, params)
+        views = method.make_views(self.batch, torch.Generator().manual_seed(seed))
         t1 = _clock(device)
+        self.forward_time = 0.0
         with _autocast(cfg.precision, device):
-            embeddings = method.embed_views(stacks, cfg.batch_size)
-            t2 = _clock(device)
-            loss = method.compute_loss(embeddings)["loss"]
-            method.after_loss(embeddings)
-        t3 = _clock(device)
+            loss = method.compute_losses(views)["loss"]
+        t2 = _clock(device)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        t4 = _clock(device)
+        t3 = _clock(device)
+        forward = self.forward_time
+        phases = (t1 - t0, forward, t2 - t1 - forward, t3 - t2)
         if record:
-            for key, value in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+            for key, value in zip(PHASES, phases, strict=True):
                 self.times[key].append(value)
             self.times["faults"].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
 
@@ -127,7 +144,7 @@ class Bench:
         self.optimizer.zero_grad(set_to_none=True)
         for _ in range(self.views // 2):
             with _autocast(self.cfg.precision, self.device):
-                out = self.method.backbone(self.images).float().sum()
+                out = self.method.encoder.backbone(self.images).float().sum()
             out.backward()
         self.optimizer.step()
         if record:

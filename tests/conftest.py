@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from care.cli import main
 from tests.data.writers import write_mnist
 
 
@@ -37,3 +38,13 @@ def tiny(root: Path, out: Path, *extra: str) -> list[str]:
         "probe_seeds=2",
         *extra,
     ]
+
+
+def fails_with_one_line(capsys: pytest.CaptureFixture[str], argv: list[str], fragment: str) -> None:
+    """``care ARGV`` exits with status 2 and one line ``error: ...`` holding ``fragment``."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: "), err
+    assert "\n" not in err, err
+    assert "Traceback" not in err
+    assert fragment in err, err

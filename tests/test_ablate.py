@@ -9,22 +9,13 @@ import pytest
 
 from care.cli import main
 from care.plots import ablation_bars
-from tests.conftest import tiny
+from tests.conftest import fails_with_one_line, tiny
 
 VARIANTS = {"infonce": "simclr", "equi_unif": "equi_unif", "care": "care"}
 
 
 def _args(root: Path, out: Path, *extra: str) -> list[str]:
     return [*tiny(root, out, "probe_epochs=1", "probe_seeds=2", "knn_every=0"), *extra]
-
-
-def _fails_with_one_line(
-    capsys: pytest.CaptureFixture[str], argv: list[str], fragment: str
-) -> None:
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
-    assert fragment in err, err
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +85,7 @@ def test_unfinished_variant_resumes_and_stale_probe_is_redone(
 def test_changed_training_settings_are_refused(
     ablation: Path, fake_fmnist: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    _fails_with_one_line(
+    fails_with_one_line(
         capsys,
         ["ablate", *_args(fake_fmnist, ablation), "--only", "care", "lr=0.01"],
         "was trained with lr=0.001",
@@ -105,16 +96,16 @@ def test_method_override_and_bad_only_are_refused(
     fake_fmnist: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "abl"
-    _fails_with_one_line(
+    fails_with_one_line(
         capsys, ["ablate", *_args(fake_fmnist, out), "method=care"], "sets method itself"
     )
-    _fails_with_one_line(
+    fails_with_one_line(
         capsys,
         ["ablate", "--only", "care,moco", *_args(fake_fmnist, out)],
         "unknown ablation variant 'moco'",
     )
-    _fails_with_one_line(capsys, ["ablate", "--only", ",", *_args(fake_fmnist, out)], "--only")
-    _fails_with_one_line(
+    fails_with_one_line(capsys, ["ablate", "--only", ",", *_args(fake_fmnist, out)], "--only")
+    fails_with_one_line(
         capsys,
         ["ablate", *_args(fake_fmnist, out), "batch_size=36"],
         "variant equi_unif (method=equi_unif): batch_size=36 does not split",

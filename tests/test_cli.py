@@ -8,20 +8,9 @@ import pytest
 import torch
 
 from care.cli import main
-from tests.conftest import tiny
+from tests.conftest import fails_with_one_line, tiny
 from tests.data.writers import write_mnist
 from tests.test_runs import PickleExploit
-
-
-def _fails_with_one_line(
-    capsys: pytest.CaptureFixture[str], argv: list[str], fragment: str
-) -> None:
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: "), err
-    assert "\n" not in err, err
-    assert "Traceback" not in err
-    assert fragment in err, err
 
 
 def _files(root: Path) -> list[str]:
@@ -34,7 +23,7 @@ def _files(root: Path) -> list[str]:
 
 def test_missing_dataset(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     out = tmp_path / "run"
-    _fails_with_one_line(capsys, ["pretrain", *tiny(tmp_path / "nowhere", out)], "data_root")
+    fails_with_one_line(capsys, ["pretrain", *tiny(tmp_path / "nowhere", out)], "data_root")
     assert not out.exists()
 
 
@@ -44,7 +33,7 @@ def test_corrupt_dataset_file(capsys: pytest.CaptureFixture[str], tmp_path: Path
     images = root / "train-images-idx3-ubyte.gz"
     images.write_bytes(images.read_bytes()[:200])
     out = tmp_path / "run"
-    _fails_with_one_line(capsys, ["pretrain", *tiny(root, out)], "train-images-idx3-ubyte.gz")
+    fails_with_one_line(capsys, ["pretrain", *tiny(root, out)], "train-images-idx3-ubyte.gz")
     assert not out.exists()
 
 
@@ -64,7 +53,7 @@ def test_bad_config(
     fragment: str,
 ) -> None:
     out = tmp_path / "run"
-    _fails_with_one_line(capsys, ["pretrain", *tiny(fake_fmnist, out), *extra], fragment)
+    fails_with_one_line(capsys, ["pretrain", *tiny(fake_fmnist, out), *extra], fragment)
     assert not out.exists()
 
 
@@ -72,7 +61,7 @@ def test_nan_loss_stops_with_one_line(
     capsys: pytest.CaptureFixture[str], fake_fmnist: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "run"
-    _fails_with_one_line(
+    fails_with_one_line(
         capsys,
         ["pretrain", *tiny(fake_fmnist, out), "temperature=1e-40"],
         "loss became nan at step 0",
@@ -89,7 +78,7 @@ def test_malicious_checkpoint_is_refused_on_resume(
     capsys.readouterr()
     marker = tmp_path / "pwned"
     torch.save({"state_dict": {}, "x": PickleExploit(marker)}, out / "checkpoints" / "last.ckpt")
-    _fails_with_one_line(
+    fails_with_one_line(
         capsys, ["pretrain", *tiny(fake_fmnist, out), "resume=true"], "refusing to load"
     )
     assert not marker.exists()
@@ -116,5 +105,5 @@ def test_print_config_and_probe(
     assert main(["probe", str(out), "probe_epochs=1"]) == 0
     printed = capsys.readouterr().out
     assert "simclr" in printed and "probe.json" in printed
-    _fails_with_one_line(capsys, ["probe", str(out), "lr=1"], "cannot be changed")
-    _fails_with_one_line(capsys, ["probe", str(tmp_path / "none")], "not a run directory")
+    fails_with_one_line(capsys, ["probe", str(out), "lr=1"], "cannot be changed")
+    fails_with_one_line(capsys, ["probe", str(tmp_path / "none")], "not a run directory")

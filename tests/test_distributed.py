@@ -24,8 +24,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from care.config import load_config
+from care.data import DataInfo
 from care.distributed import gather_with_grad
-from care.methods import DataInfo, MoCo, build_method
+from care.methods import MoCo, ViewPair, Views, build_method
 from tests.conftest import tiny
 
 INFO = DataInfo(channels=1, image_size=16, mean=(0.5,), std=(0.25,), num_classes=10)
@@ -56,7 +57,7 @@ def _setup(method_name: str) -> tuple[torch.nn.Module, list[torch.Tensor]]:
     torch.manual_seed(0)
     method = build_method(cfg, INFO).double().eval()
     gen = torch.Generator().manual_seed(1)
-    pairs = 2 if method_name == "care" else 1
+    pairs = 2 if method_name in ("care", "care_moco") else 1  # + the group-shared pair
     stacks = [torch.randn(2 * N_GLOBAL, 1, 16, 16, generator=gen).double() for _ in range(pairs)]
     return method, stacks
 
@@ -70,7 +71,10 @@ def _local(stack: torch.Tensor, rank: int, world: int) -> torch.Tensor:
 
 
 def _step(method: torch.nn.Module, stacks: list[torch.Tensor], n: int) -> dict[str, torch.Tensor]:
-    losses = method.loss_from_views(stacks, n)  # type: ignore[operator]
+    """One step on stacked pairs of views: InfoNCE's, then the group-shared one (if any)."""
+    pairs = [ViewPair(stack[:n], stack[n:]) for stack in stacks]
+    views = Views(pairs[0], pairs[1] if len(pairs) > 1 else None)
+    losses = method.compute_losses(views)  # type: ignore[operator]
     losses["loss"].backward()
     result = {f"loss/{k}": v.detach() for k, v in losses.items()}
     for name, p in method.named_parameters():

@@ -7,11 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from care.config import load_config
 from care.errors import CareError
 from care.runs import (
+    RunDir,
     atomic_torch_save,
     atomic_write_text,
     load_weights,
+    open_run,
     safe_torch_load,
     save_weights,
 )
@@ -85,3 +88,32 @@ def test_safetensors_round_trip_and_mismatch(tmp_path: Path) -> None:
     (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(CareError, match="corrupt"):
         load_weights(other, tmp_path / "bad.safetensors")
+
+
+def _saved_run(root: Path, *overrides: str) -> None:
+    run = RunDir(root)
+    run.write_config(load_config(None, [f"out={root}", *overrides]))
+    atomic_write_text(run.last_checkpoint, "checkpoint")
+
+
+def test_open_run_resumes_only_the_same_training(tmp_path: Path) -> None:
+    fresh, checkpoint = open_run(load_config(None, [f"out={tmp_path / 'new'}"]))
+    assert checkpoint is None and fresh.root == tmp_path / "new"
+    _saved_run(tmp_path / "old", "lr=0.01", "epochs=2")
+    with pytest.raises(CareError, match="resume=true"):
+        open_run(load_config(None, [f"out={tmp_path / 'old'}", "lr=0.01", "epochs=2"]))
+    with pytest.raises(CareError, match="different 'lr'"):
+        open_run(load_config(None, [f"out={tmp_path / 'old'}", "lr=0.1", "resume=true"]))
+    # more epochs, and settings that do not change what is learned, continue the run
+    same = [f"out={tmp_path / 'old'}", "lr=0.01", "resume=true", "epochs=5", "num_workers=2"]
+    run, checkpoint = open_run(load_config(None, [*same, "probe_epochs=3", "knn_every=0"]))
+    assert checkpoint == run.last_checkpoint
+
+
+def test_a_moved_run_folder_resumes(tmp_path: Path) -> None:
+    _saved_run(tmp_path / "before", "lr=0.01")
+    (tmp_path / "before").rename(tmp_path / "after")
+    cfg = load_config(None, [f"out={tmp_path / 'after'}", "lr=0.01", "resume=true"])
+    run, checkpoint = open_run(cfg)
+    assert run.root == tmp_path / "after"
+    assert checkpoint == tmp_path / "after" / "checkpoints" / "last.ckpt"

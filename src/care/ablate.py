@@ -24,11 +24,21 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from care.config import Config, load_config, parse_overrides, validate
+from care.config import (
+    EVALUATION_KEYS,
+    Config,
+    load_config,
+    parse_overrides,
+    training_differences,
+    validate,
+)
 from care.distributed import is_global_zero
 from care.errors import CareError
-from care.evaluate.probe import PROBE_KEYS
+from care.evaluate.probe import probe_run
+from care.methods import method_class
+from care.plots import ablation_bars
 from care.runs import RunDir, atomic_write_json, atomic_write_text
+from care.train import pretrain
 
 #: Variant name → (method, loss as plain text, loss as matplotlib mathtext).
 VARIANTS: dict[str, tuple[str, str, str]] = {
@@ -43,18 +53,6 @@ VARIANTS: dict[str, tuple[str, str, str]] = {
 
 #: Where the ablation goes when neither the overrides nor the config file name an ``out``.
 DEFAULT_OUT = "runs/ablation"
-
-#: Settings that do not change what a variant learns: a finished run trained with other values
-#: is still part of this ablation (the probe settings are checked against probe.json instead).
-_UNTRAINED_KEYS = (
-    *PROBE_KEYS,
-    "out",
-    "resume",
-    "num_workers",
-    "knn_every",
-    "knn_bank_samples",
-    "log_every",
-)
 
 
 def parse_variants(variants: str | Sequence[str] | None) -> list[str]:
@@ -105,21 +103,18 @@ def variant_config(base: Config, name: str, equi_unif_weight: float = EQUI_UNIF_
     )
     try:
         validate(cfg)
+        method_class(cfg)
     except CareError as exc:
         raise CareError(f"variant {name} (method={cfg.method}): {exc}") from None
     return cfg
 
 
-def _trained_differences(saved: Config, cfg: Config) -> list[str]:
-    old, new = saved.to_dict(), cfg.to_dict()
-    return [k for k in new if k not in _UNTRAINED_KEYS and old.get(k) != new[k]]
-
-
 def _check_finished(run: RunDir, name: str, cfg: Config) -> None:
     """A finished run is reused only if it was trained with this ablation's settings."""
-    changed = _trained_differences(run.read_config(), cfg)
+    saved_cfg = run.read_config()
+    changed = training_differences(saved_cfg, cfg)
     if changed:
-        saved = run.read_config().to_dict()[changed[0]]
+        saved = getattr(saved_cfg, changed[0])
         raise CareError(
             f"{run.root} was trained with {changed[0]}={saved!r}, not "
             f"{getattr(cfg, changed[0])!r}: choose another out=DIR for this ablation, or delete "
@@ -212,9 +207,6 @@ def _say(message: str) -> None:
 
 def _train_and_probe(name: str, cfg: Config, tag: str) -> tuple[RunDir, dict[str, Any] | None]:
     """Train (or resume, or skip) one variant, then probe it unless probe.json is fresh."""
-    from care.evaluate.probe import probe_run
-    from care.train import pretrain
-
     run = RunDir(cfg.out)
     if run.summary.is_file():
         _check_finished(run, name, cfg)
@@ -229,7 +221,7 @@ def _train_and_probe(name: str, cfg: Config, tag: str) -> tuple[RunDir, dict[str
     probe = _probe_is_fresh(run, cfg)
     if probe is None:
         _say(f"{tag} {name}: probing (linear ×{cfg.probe_seeds} seeds, kNN)")
-        probe = probe_run(str(run.root), {k: getattr(cfg, k) for k in PROBE_KEYS})
+        probe = probe_run(str(run.root), {k: getattr(cfg, k) for k in EVALUATION_KEYS})
     else:
         _say(f"{tag} {name}: probe.json is up to date")
     return run, probe
@@ -244,7 +236,7 @@ def _earlier_result(
         return None
     try:
         cfg = variant_config(base, name, equi_unif_weight)
-        if _trained_differences(run.read_config(), cfg):
+        if training_differences(run.read_config(), cfg):
             return None
         probe = _probe_is_fresh(run, cfg)
         return None if probe is None else _result(name, run, shared, probe)
@@ -306,8 +298,6 @@ def ablate_command(
     equi_unif_weight: float = EQUI_UNIF_WEIGHT,
 ) -> dict[str, Any]:
     """Train, probe and compare the chosen loss variants; writes ablation.{json,md,png}."""
-    from care.plots import ablation_bars
-
     console = console or Console()
     names = parse_variants(variants)
     base = base_config(config_path, overrides)

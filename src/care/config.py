@@ -15,7 +15,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from care.errors import CareError
+from care.geometry import FORMS
 
+#: The values each choice key accepts. Where a registry defines them (datasets, methods,
+#: backbones, stems, embeddings, pair modes, optimisers), tests/test_config.py proves that they
+#: match it; the config sits below those modules, so it cannot import them.
 CHOICES: dict[str, tuple[str, ...]] = {
     "dataset": ("fashion-mnist", "mnist", "cifar10", "cifar100", "stl10", "imagefolder"),
     "method": ("simclr", "care", "equi_unif", "moco", "care_moco"),
@@ -26,32 +30,41 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer": ("adam", "sgd"),
     "probe_optimizer": ("adam", "sgd"),
     "embedding": ("sphere", "hyperboloid"),
-    "equi_form": ("auto", "euclidean", "minkowski", "symplectic"),
+    "equi_form": ("auto", *FORMS),
     "strategy": ("auto", "ddp", "ddp_spawn"),
     "scheduler": ("cosine", "constant"),
     "precision": ("32", "bf16-mixed", "16-mixed"),
     "accelerator": ("auto", "cpu", "gpu", "cuda", "mps"),
 }
 
-#: Methods whose loss includes L_equi and so needs group-shared views.
-GROUPED_METHODS = ("care", "equi_unif", "care_moco")
+
+#: Field metadata of a setting that does not change what is learned (where the run lives, how
+#: it is monitored, logged or evaluated). A run trained with other values of these keys is the
+#: same run: ``resume=true`` and ``care ablate`` accept it (:func:`training_differences`).
+UNTRAINED: dict[str, Any] = {"trains": False}
+#: Field metadata of an evaluation setting: it does not change what is learned, and
+#: ``care probe`` may override it for a finished run (:data:`EVALUATION_KEYS`).
+EVALUATION: dict[str, Any] = {"trains": False, "evaluation": True}
 
 
 @dataclass
 class Config:
-    """Every setting of a pretraining run. Names match the CLI's ``key=value`` overrides."""
+    """Every setting of a pretraining run. Names match the CLI's ``key=value`` overrides.
+
+    A field's metadata marks the settings that do not change what is learned
+    (:data:`UNTRAINED`, :data:`EVALUATION`); every comparison of a saved config uses it.
+    """
 
     # data
     dataset: str = "fashion-mnist"
-    data_root: str | None = (
-        None  # None: $CARE_DATA/<dataset>, ./data/<dataset>, /usr/share/datasets
-    )
+    # None: $CARE_DATA/<dataset>, ./data/<dataset>, /usr/share/datasets/<dataset>
+    data_root: str | None = field(default=None, metadata=EVALUATION)
     class_list: str | None = None  # imagefolder: file with one class per line, or imagenet100
     train_samples: int | None = None  # use only the first N pretraining images
     image_size: int | None = None  # crop output size; None: the dataset's native size
     load_size: int | None = None  # imagefolder: decode size before cropping (default 256)
     crop_min_scale: float = 0.08  # RandomResizedCrop scale lower bound
-    num_workers: int = 0
+    num_workers: int = field(default=0, metadata=UNTRAINED)
     # method
     method: str = "care"
     views: str = "separate"  # separate: 2 InfoNCE + 2 group-shared views; shared: 2 in all
@@ -64,9 +77,7 @@ class Config:
     # geometry
     embedding: str = "sphere"  # sphere: unit sphere; hyperboloid: Lorentz model of hyperbolic space
     curvature: float = 1.0  # hyperboloid: c in -x0^2 + |x|^2 = -1/c
-    equi_form: str = (
-        "auto"  # bilinear form of L_equi; auto: euclidean (sphere), minkowski (hyperboloid)
-    )
+    equi_form: str = "auto"  # L_equi's form; auto: euclidean (sphere), minkowski (hyperboloid)
     # model
     backbone: str = "resnet18"
     stem: str = "cifar"
@@ -83,33 +94,30 @@ class Config:
     scheduler: str = "cosine"
     warmup_epochs: float = 0.0
     precision: str = "32"
-    accelerator: str = "auto"
+    accelerator: str = field(default="auto", metadata=EVALUATION)
     devices: int = 1  # per node; batch_size is per device
     num_nodes: int = 1
     strategy: str = "auto"  # ddp for several devices or nodes
     sync_batchnorm: bool = False
     seed: int = 0
     # online monitor and evaluation
-    knn_every: int = 1  # epochs between online kNN checks; 0 turns it off
-    knn_k: int = 200
-    knn_temperature: float = 0.1
-    knn_bank_samples: int | None = 10000  # training images in the online kNN bank (None: all)
-    probe_epochs: int = 30
-    probe_seeds: int = 3
-    probe_optimizer: str = "adam"
-    probe_lr: float = 1e-3
-    probe_milestones: list[int] = field(default_factory=list)  # epochs where lr drops 10x
-    probe_weight_decay: float = 1e-6
-    probe_batch_size: int = 256
+    knn_every: int = field(default=1, metadata=UNTRAINED)  # epochs between kNN checks; 0: off
+    knn_k: int = field(default=200, metadata=EVALUATION)
+    knn_temperature: float = field(default=0.1, metadata=EVALUATION)
+    # training images in the online kNN bank (None: all)
+    knn_bank_samples: int | None = field(default=10000, metadata=UNTRAINED)
+    probe_epochs: int = field(default=30, metadata=EVALUATION)
+    probe_seeds: int = field(default=3, metadata=EVALUATION)
+    probe_optimizer: str = field(default="adam", metadata=EVALUATION)
+    probe_lr: float = field(default=1e-3, metadata=EVALUATION)
+    # epochs where the probe's lr drops 10x
+    probe_milestones: list[int] = field(default_factory=list, metadata=EVALUATION)
+    probe_weight_decay: float = field(default=1e-6, metadata=EVALUATION)
+    probe_batch_size: int = field(default=256, metadata=EVALUATION)
     # run directory
-    out: str = "runs/care"
-    resume: bool = False
-    log_every: int = 20  # steps between logged training metrics
-
-    @property
-    def grouped(self) -> bool:
-        """True when the method trains L_equi on group-shared views."""
-        return self.method in GROUPED_METHODS
+    out: str = field(default="runs/care", metadata=UNTRAINED)
+    resume: bool = field(default=False, metadata=UNTRAINED)
+    log_every: int = field(default=20, metadata=UNTRAINED)  # steps between logged metrics
 
     @property
     def form(self) -> str:
@@ -123,6 +131,18 @@ class Config:
 
 
 KEYS = tuple(f.name for f in dataclasses.fields(Config))
+#: Settings that change what a run learns: a saved run is the same run only if these agree.
+TRAINING_KEYS = tuple(f.name for f in dataclasses.fields(Config) if f.metadata.get("trains", True))
+#: Evaluation settings, which ``care probe`` may override for a finished run.
+EVALUATION_KEYS = tuple(f.name for f in dataclasses.fields(Config) if f.metadata.get("evaluation"))
+
+
+def training_differences(
+    saved: Config, current: Config, allowed: tuple[str, ...] = ()
+) -> list[str]:
+    """The :data:`TRAINING_KEYS` (less ``allowed``) whose values differ between two configs."""
+    old, new = saved.to_dict(), current.to_dict()
+    return [k for k in TRAINING_KEYS if k not in allowed and old[k] != new[k]]
 
 
 def _one_line(exc: OmegaConfBaseException) -> str:
@@ -168,15 +188,25 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             )
         layers.append(loaded)
     layers.append(parse_overrides(overrides or []))
+    return _merged(layers)
+
+
+def _merged(layers: list[Any]) -> Config:
+    """The layers merged over the schema, type-checked and validated."""
     try:
-        merged = OmegaConf.merge(*layers)
-        cfg = OmegaConf.to_object(merged)
+        cfg = OmegaConf.to_object(OmegaConf.merge(*layers))
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "?"
         raise CareError(f"bad value for '{key}': {_one_line(exc)}") from None
     assert isinstance(cfg, Config)
     validate(cfg)
     return cfg
+
+
+def with_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """``cfg`` with ``overrides`` (plain values or OmegaConf nodes from the CLI), type-checked
+    against the schema (``probe_milestones=[30,40,50]`` becomes a list of ints) and validated."""
+    return _merged([OmegaConf.structured(cfg), OmegaConf.create(dict(overrides))])
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:
@@ -268,16 +298,6 @@ def validate(cfg: Config) -> None:
         _require(
             value is None or value >= 1,
             f"bad value for '{key}': {value}; it must be at least 1 (or null for the default)",
-        )
-    if cfg.grouped:
-        _require(
-            cfg.group_size >= 2,
-            f"bad value for 'group_size': {cfg.group_size}; L_equi needs groups of at least 2",
-        )
-        _require(
-            cfg.batch_size % cfg.group_size == 0,
-            f"batch_size={cfg.batch_size} does not split into groups of group_size={cfg.group_size}:"
-            " choose a batch_size that is a multiple of group_size",
         )
     _require(cfg.batch_size >= 2, "bad value for 'batch_size': InfoNCE needs at least 2 images")
 

@@ -156,29 +156,6 @@ def equivariance_loss(
     return (2.0 / group_size) * squared.mean()
 
 
-def care_loss(
-    z1: Tensor,
-    z2: Tensor,
-    e1: Tensor,
-    e2: Tensor,
-    *,
-    temperature: float,
-    weight: float,
-    group_size: int,
-    form: Form = "euclidean",
-    similarity: str = "dot",
-    curvature: float = 1.0,
-) -> Tensor:
-    """L_CARE = L_inv + L_unif + λ · L_equi (paper, Sec. 3; other geometries, Sec. 3.2).
-
-    ``z1, z2`` are the two views for InfoNCE; ``e1, e2`` the two group-shared views for L_equi (pass
-    the same tensors for the ``views=shared`` variant). ``form`` goes to :func:`equivariance_loss`,
-    ``similarity`` and ``curvature`` to :func:`info_nce_terms`.
-    """
-    contrastive = info_nce(z1, z2, temperature, similarity=similarity, curvature=curvature)
-    return contrastive + weight * equivariance_loss(e1, e2, group_size, form=form)
-
-
 def moco_terms(query: Tensor, key: Tensor, queue: Tensor, temperature: float) -> InfoNCETerms:
     """MoCo's InfoNCE (He et al., 2020), split like :func:`info_nce_terms` into ``inv + unif``.
 

@@ -1,9 +1,11 @@
-"""Run directories: atomic writes, safe checkpoint loading, safetensors weights.
+"""Run directories: atomic writes, checkpoint I/O, the resume check, safetensors weights.
 
 A run directory holds ``config.yaml``, ``checkpoints/{last,best}.ckpt``, ``backbone.safetensors``
 and ``head.safetensors`` (the final weights), ``metrics.csv``, ``summary.json`` and one JSON (and
 PNG) per evaluation. Every file is written to a temporary name in the same folder and renamed into
-place, so a run killed at any moment never leaves a half-written file.
+place, so a run killed at any moment never leaves a half-written file. Checkpoints are read with
+``weights_only=True``; a run's trained encoder is rebuilt from its config and weights
+(:func:`load_trained_encoder`).
 """
 
 from __future__ import annotations
@@ -19,12 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from omegaconf import OmegaConf
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
-from torch import Tensor
+from torch import Tensor, nn
 
-from care.config import Config, config_from_dict, to_yaml
+from care.config import Config, config_from_dict, to_yaml, training_differences
 from care.errors import CareError
+from care.models import Encoder, build_encoder
 
 
 def _umask() -> int:
@@ -133,8 +138,6 @@ class RunDir:
 
     def read_config(self) -> Config:
         """The config the run was trained with."""
-        from omegaconf import OmegaConf
-
         if not self.config.is_file():
             raise CareError(
                 f"{self.root} is not a run directory (no config.yaml): pass the `out` "
@@ -144,6 +147,59 @@ class RunDir:
         if not isinstance(values, dict):
             raise CareError(f"{self.config} is not a mapping: the run directory is damaged")
         return config_from_dict({str(k): v for k, v in values.items()})
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint I/O, written atomically and read back with ``weights_only=True``."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        atomic_torch_save(checkpoint, path)
+
+    def load_checkpoint(
+        self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        loaded = safe_torch_load(path, map_location="cpu")
+        if not isinstance(loaded, dict):
+            raise CareError(f"checkpoint {path} does not hold a training state")
+        return loaded
+
+
+def open_run(cfg: Config) -> tuple[RunDir, Path | None]:
+    """The run directory ``cfg.out`` and the checkpoint to resume from (None: a new run).
+
+    A folder that holds a run is continued only with ``resume=true`` and the settings it was
+    trained with (:func:`care.config.training_differences`; ``epochs`` may grow).
+    """
+    run = RunDir(cfg.out)
+    if not run.last_checkpoint.is_file():
+        return run, None
+    if not cfg.resume:
+        raise CareError(
+            f"{run.root} already holds a run: pass resume=true to continue it, or choose "
+            "another out=DIR"
+        )
+    saved = run.read_config()
+    changed = training_differences(saved, cfg, allowed=("epochs",))
+    if changed:
+        key = changed[0]
+        raise CareError(
+            f"resume=true with a different '{key}' than the run in {run.root} "
+            f"({getattr(saved, key)!r}): keep the run's settings or choose another out=DIR"
+        )
+    return run, run.last_checkpoint
+
+
+def load_trained_encoder(run: RunDir, cfg: Config, channels: int, layer: str) -> nn.Module:
+    """A finished run's encoder with its trained weights, in eval mode: the backbone alone
+    (``layer="backbone"``) or the whole :class:`~care.models.Encoder` (``"projection"``)."""
+    encoder: Encoder = build_encoder(cfg, channels)
+    load_weights(encoder.backbone, run.backbone)
+    if layer == "backbone":
+        return encoder.backbone.eval()
+    load_weights(encoder.head, run.head)
+    return encoder.eval()
 
 
 def json_ready(value: Any) -> Any:

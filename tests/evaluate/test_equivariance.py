@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 from pathlib import Path
 
 import pytest
+import torch
 
+from care.augment import Augmenter, AugmentRecipe, AugParams, build_augmenter
+from care.augment.eval import eval_transform
 from care.cli import main
-from care.evaluate.equivariance import GROUP_FIT_KEYS
+from care.config import Config
+from care.data import DataInfo
+from care.evaluate.equivariance import GROUP_FIT_KEYS, TrainedEncoder, augment_again, measure
+from care.metrics import composition_error
+from care.runs import RunDir
+from tests.augment.reference import identity_params
 from tests.conftest import tiny
 
 
@@ -142,3 +151,48 @@ def test_sphere_runs_record_their_geometry_and_keep_their_fields(
     # the form's distortion (what L_equi trains to 0) is reported for every geometry
     assert sphere["results"][0]["trials"][0]["form_distortion"] > 0.0
     assert "form_distortion_mean" in sphere["results"][0]["summary"]
+
+
+# ------------------------------------------------------------- composition (Corollary 1)
+
+
+def _flips(n: int, flip: bool) -> AugParams:
+    return dataclasses.replace(identity_params(n), flip=torch.full((n,), flip))
+
+
+def test_augment_again_applies_b_after_a() -> None:
+    augmenter = Augmenter(AugmentRecipe.for_channels(3), 12, (0.4, 0.5, 0.6), (0.2, 0.25, 0.3))
+    images = torch.randint(0, 256, (4, 3, 12, 12), generator=torch.Generator().manual_seed(0))
+    images = images.to(torch.uint8)
+    x = augmenter.apply(images, identity_params(4))
+    flipped = augmenter.apply(images, _flips(4, True))
+    assert torch.allclose(augment_again(augmenter, x, identity_params(4)), x, atol=1e-5)
+    assert torch.allclose(augment_again(augmenter, x, _flips(4, True)), flipped, atol=1e-5)
+    twice = augment_again(augmenter, flipped, _flips(4, True))
+    assert torch.allclose(twice, x, atol=1e-5)  # flip ∘ flip = identity
+    assert not torch.allclose(flipped, x, atol=1e-2)
+
+
+def test_measure_reports_the_composition_error_of_b_after_a() -> None:
+    gen = torch.Generator().manual_seed(1)
+    info = DataInfo(channels=1, image_size=8, mean=(0.5,), std=(0.25,), num_classes=10)
+    cfg = Config()
+    module = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 5))
+    encoder = TrainedEncoder(RunDir("unused"), cfg, info, module, "projection")
+    images = torch.randint(0, 256, (40, 1, 8, 8), generator=gen).to(torch.uint8)
+    result = measure([encoder], images, trials=2, compositions=3, seed=4)
+    # The same draws, in the order measure makes them: 2 trials, then (a, b) per composition.
+    augmenter = build_augmenter(cfg, info)
+    draws = torch.Generator().manual_seed(4)
+    for _ in range(2):
+        augmenter.sample(40, draws, group_size=40, pairs="per_batch")
+    f = encoder(eval_transform(images, 8, (0.5,), (0.25,)))
+    for measured in result["results"][0]["composition"]:
+        a, b = (augmenter.sample(40, draws, group_size=40, pairs="per_batch") for _ in range(2))
+        x_a = augmenter.apply(images, a)
+        x_ba = augmenter.apply((x_a * 0.25 + 0.5).clamp(0, 1), b)
+        expected = composition_error(
+            f, encoder(x_a), encoder(augmenter.apply(images, b)), encoder(x_ba)
+        )
+        assert measured == pytest.approx(expected, rel=1e-9)
+        assert measured["composition_error"] > 0.0

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from care.cli import main
-from care.evaluate.probe import PROBE_KEYS, probe_lr_at, train_linear_probe
+from care.evaluate.probe import probe_lr_at, train_linear_probe
 from tests.conftest import tiny
 
 
@@ -78,10 +78,6 @@ def test_adam_probe_is_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
     assert [lr for _, lr in seen] == [1e-3] * 3
     assert isinstance(seen[0][0], torch.optim.Adam)
     assert seen[0][0].param_groups[0]["weight_decay"] == 1e-6
-
-
-def test_both_keys_can_be_changed_by_care_probe() -> None:
-    assert {"probe_optimizer", "probe_milestones"} <= set(PROBE_KEYS)
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -12,8 +13,18 @@ from torch import nn
 
 from care.cli import main
 from care.config import load_config
-from care.losses import moco_terms
-from care.methods import CAREMoCo, DataInfo, KeyQueue, MoCo, build_method, momentum_update
+from care.data import DataInfo
+from care.errors import CareError
+from care.losses import equivariance_loss, moco_terms
+from care.methods import (
+    CAREMoCo,
+    KeyQueue,
+    MoCo,
+    ViewPair,
+    Views,
+    build_method,
+    momentum_update,
+)
 from care.models import to_sphere
 from tests.conftest import tiny
 
@@ -100,38 +111,62 @@ def _method(*overrides: str) -> MoCo:
     return method
 
 
+def _views(*pairs: torch.Tensor) -> Views:
+    """Views from stacked pairs (16 rows: view 1, then view 2): InfoNCE's, then group-shared."""
+    split = [ViewPair(p[:8], p[8:]) for p in pairs]
+    return Views(split[0], split[1] if len(split) > 1 else None)
+
+
 def test_keys_carry_no_gradient_and_the_queue_takes_the_second_views_keys() -> None:
     method = _method("method=moco")
     torch.manual_seed(0)
-    stacks = [torch.randn(16, 1, 28, 28)]
-    losses = method.loss_from_views(stacks, 8)
+    stack = torch.randn(16, 1, 28, 28)
+    losses = method.compute_losses(_views(stack))
     losses["loss"].backward()
-    assert all(p.grad is None for p in method.key_backbone.parameters())
-    assert all(p.grad is not None for p in method.backbone.parameters())
-    expected_keys = method.key_embed(stacks[0])[8:]  # BN over both views, as in training
+    assert all(p.grad is None for p in method.key_encoder.parameters())
+    assert all(p.grad is not None for p in method.encoder.parameters())
+    expected_keys = method.key_encoder(stack)[8:]  # BN over both views, as in training
     assert torch.allclose(method.queue.keys[:8], expected_keys, atol=1e-6)
     assert int(method.queue.pointer) == 8
 
 
-def test_care_moco_adds_the_equivariance_term_on_group_shared_views() -> None:
+def test_the_key_encoder_takes_its_momentum_step_before_computing_the_keys() -> None:
+    method = _method("method=moco", "moco_momentum=0.5")
+    with torch.no_grad():  # a query encoder that an optimiser step moved away from the keys'
+        for p in method.encoder.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    expected = copy.deepcopy(method.key_encoder)
+    momentum_update(expected, method.encoder, 0.5)
+    stale = copy.deepcopy(method.key_encoder)
+    torch.manual_seed(1)
+    stack = torch.randn(16, 1, 28, 28)
+    method.compute_losses(_views(stack))
+    pushed = method.queue.keys[:8]
+    with torch.no_grad():
+        assert torch.allclose(pushed, expected(stack)[8:], atol=1e-6)
+        assert not torch.allclose(pushed, stale(stack)[8:], atol=1e-3)
+    for k, e in zip(method.key_encoder.parameters(), expected.parameters(), strict=True):
+        assert torch.equal(k, e)
+
+
+def test_care_moco_adds_the_equivariance_term_of_the_group_shared_queries() -> None:
     method = _method("method=care_moco", "weight=0.5")
     assert isinstance(method, CAREMoCo)
-    gen = torch.Generator().manual_seed(0)
-    params = method.sample_views(8, gen)
-    assert len(params) == 4  # separate: 2 MoCo views + 2 group-shared views
-    shared = _method("method=care_moco", "views=shared").sample_views(8, gen)
-    assert len(shared) == 2
-    stacks = [torch.randn(16, 1, 28, 28), torch.randn(16, 1, 28, 28)]
-    losses = method.loss_from_views(stacks, 8)
+    torch.manual_seed(2)
+    contrastive, grouped = torch.randn(16, 1, 28, 28), torch.randn(16, 1, 28, 28)
+    losses = method.compute_losses(_views(contrastive, grouped))
     assert set(losses) == {"loss", "inv", "unif", "equi"}
+    with torch.no_grad():
+        e1, e2 = method.encoder(grouped).split(8)  # the query encoder, not the keys
+    assert losses["equi"].item() == pytest.approx(equivariance_loss(e1, e2, 4).item(), rel=1e-5)
+    with torch.no_grad():
+        z1, z2 = method.encoder(contrastive).split(8)
+    assert losses["equi"].item() != pytest.approx(equivariance_loss(z1, z2, 4).item(), rel=1e-3)
     expected = losses["inv"] + losses["unif"] + 0.5 * losses["equi"]
     assert torch.allclose(losses["loss"], expected)
-    assert losses["equi"].item() > 0
 
 
 def test_moco_refuses_the_hyperboloid() -> None:
-    from care.errors import CareError
-
     with pytest.raises(CareError, match="embedding=sphere"):
         _method("method=moco", "embedding=hyperboloid")
 
@@ -147,9 +182,8 @@ def test_moco_trains_end_to_end_and_resumes_its_queue(
     assert summary["steps"] == 4
     state = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert int(state["queue.pointer"]) == (4 * 32) % 64
-    assert "key_backbone.stem.0.weight" in state or any(
-        k.startswith("key_backbone.") for k in state
-    )
+    keys = {k.removeprefix("key_encoder.") for k in state if k.startswith("key_encoder.")}
+    assert keys == {k.removeprefix("encoder.") for k in state if k.startswith("encoder.")}
     # A second epoch continues from the saved queue and key encoder.
     assert main(["pretrain", *args, "epochs=2", "resume=true"]) == 0
     state = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]

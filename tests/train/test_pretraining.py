@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from care.config import load_config
 from care.errors import CareError
 from care.evaluate.probe import probe_run
-from care.train import EpochSampler, pretrain
+from care.train import pretrain
 from tests.conftest import tiny
 
 
@@ -105,7 +105,7 @@ def test_existing_run_needs_resume(fake_fmnist: Path, tmp_path: Path) -> None:
 def test_bf16_on_a_cpu_without_native_bf16_warns(
     fake_fmnist: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any, native: bool
 ) -> None:
-    monkeypatch.setattr("care.train.cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr("care.train.pretraining.cpu_has_native_bf16", lambda: native)
     run = pretrain(load_config(None, tiny(fake_fmnist, tmp_path / "r", "precision=bf16-mixed")))
     assert run.summary.is_file()
     warned = "precision=bf16-mixed on a CPU without avx512_bf16" in capsys.readouterr().err
@@ -115,16 +115,3 @@ def test_bf16_on_a_cpu_without_native_bf16_warns(
 def test_too_few_images_for_a_batch(fake_fmnist: Path, tmp_path: Path) -> None:
     with pytest.raises(CareError, match="fewer than one global batch"):
         pretrain(load_config(None, tiny(fake_fmnist, tmp_path / "r", "train_samples=16")))
-
-
-def test_epoch_sampler_is_a_seeded_permutation_sharded_by_rank() -> None:
-    sampler = EpochSampler(10, seed=3)
-    sampler.set_epoch(1)
-    order = list(sampler)
-    assert sorted(order) == list(range(10))
-    assert order == list(sampler)
-    sampler.set_epoch(2)
-    assert list(sampler) != order
-    shards = [list(EpochSampler(10, 3, rank=r, world_size=3)) for r in range(3)]
-    assert all(len(s) == 3 for s in shards)
-    assert len({i for shard in shards for i in shard}) == 9

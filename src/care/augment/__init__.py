@@ -10,13 +10,14 @@ from __future__ import annotations
 from care.augment import ops
 from care.augment.memory import tune_malloc
 from care.augment.params import AugmentRecipe, AugParams, check_groups, sample_params
-from care.augment.pipeline import PAIRS_MODES, Augmenter, default_blur_kernel
+from care.augment.pipeline import PAIRS_MODES, Augmenter, build_augmenter, default_blur_kernel
 
 __all__ = [
     "PAIRS_MODES",
     "AugParams",
     "AugmentRecipe",
     "Augmenter",
+    "build_augmenter",
     "check_groups",
     "default_blur_kernel",
     "ops",

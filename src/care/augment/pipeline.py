@@ -15,9 +15,11 @@ from torch import Tensor
 
 from care.augment import ops
 from care.augment.params import AugmentRecipe, AugParams, check_groups, sample_params
+from care.config import Config
+from care.data import DataInfo
 from care.errors import CareError
 
-__all__ = ["PAIRS_MODES", "Augmenter", "default_blur_kernel"]
+__all__ = ["PAIRS_MODES", "Augmenter", "build_augmenter", "default_blur_kernel"]
 
 #: ``per_group``: an independent record per group (the paper); ``per_batch``: one record for the
 #: whole batch (what the official code's ``vmap(randomness="same")`` appears to do).
@@ -145,3 +147,10 @@ class Augmenter:
         """Sample parameters for ``images`` and apply them; returns ``(views, params)``."""
         params = self.sample(images.shape[0], generator, group_size, pairs)
         return self.apply(images, params), params
+
+
+def build_augmenter(cfg: Config, info: DataInfo) -> Augmenter:
+    """SimCLR's augmentation for ``cfg``'s data: the recipe for its channels, crops of at least
+    ``crop_min_scale`` of the area, output ``info.image_size``, normalised by its mean and std."""
+    recipe = AugmentRecipe.for_channels(info.channels, crop_scale=(cfg.crop_min_scale, 1.0))
+    return Augmenter(recipe, info.image_size, info.mean, info.std)

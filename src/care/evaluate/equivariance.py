@@ -22,30 +22,23 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from care.augment import Augmenter, AugmentRecipe, AugParams
+from care.augment import Augmenter, AugParams, build_augmenter
 from care.augment.eval import eval_transform
 from care.config import Config
-from care.data import LabeledImages
+from care.data import DataInfo, LabeledImages, data_info, load_split
 from care.errors import CareError
-from care.methods import DataInfo
-from care.metrics import (
-    composition_error,
-    equivariance_report,
-    form_distortion,
-    group_fit,
-    parameter_probe,
-)
-from care.models import ProjectionHead, ResNet, embed_projection
-from care.runs import RunDir, atomic_write_json, json_ready, load_weights
-from care.train import data_info, load_split
+from care.evaluate.parameter_probe import parameter_probe
+from care.metrics import composition_error, equivariance_report, form_distortion, group_fit
+from care.plots import plot_equivariance
+from care.runs import RunDir, atomic_write_json, json_ready, load_trained_encoder
 
 LAYERS = ("projection", "backbone")
 GROUP_FIT_KEYS = ("group_fit_residual", "group_deviation", "group_deviation_relative")
 
 
 @dataclass
-class Encoder:
-    """A run's trained encoder, at the chosen layer, with its data settings."""
+class TrainedEncoder:
+    """A run's trained encoder at the chosen layer, with the run's config and data settings."""
 
     run: RunDir
     cfg: Config
@@ -56,7 +49,6 @@ class Encoder:
     @torch.no_grad()
     def __call__(self, x: Tensor, batch_size: int = 512) -> Tensor:
         """Embeddings of normalised images, rows = samples (float64 on CPU)."""
-        self.module.eval()
         out = [self.module(x[i : i + batch_size]).double() for i in range(0, len(x), batch_size)]
         return torch.cat(out).cpu()
 
@@ -72,34 +64,19 @@ class Encoder:
         return self.cfg.form if self.layer == "projection" else "euclidean"
 
 
-def load_encoder(run_dir: str | Path, layer: str = "projection") -> tuple[Encoder, LabeledImages]:
-    """The run's encoder (projection on its sphere or hyperboloid, or backbone features) and its
-    data."""
+def load_trained(
+    run_dir: str | Path, layer: str = "projection", split: str = "test"
+) -> tuple[TrainedEncoder, LabeledImages]:
+    """The run's encoder (projection on its sphere or hyperboloid, or backbone features) and
+    the ``split`` of its data."""
     if layer not in LAYERS:
         raise CareError(f"bad value for 'layer': {layer!r}; choose one of {list(LAYERS)}")
     run = RunDir(run_dir)
     cfg = run.read_config()
-    dataset = load_split(cfg, "test")
+    dataset = load_split(cfg, split)
     info = data_info(cfg, dataset)
-    backbone = ResNet(cfg.backbone, in_channels=info.channels, stem=cfg.stem, widths=cfg.widths)
-    load_weights(backbone, run.backbone)
-    module: nn.Module = backbone
-    if layer == "projection":
-        head = ProjectionHead(backbone.feature_dim, cfg.head_hidden, cfg.head_out)
-        load_weights(head, run.head)
-        module = nn.Sequential(backbone, head, _Embedding(cfg.embedding, cfg.curvature))
-    return Encoder(run, cfg, info, module, layer), dataset
-
-
-class _Embedding(nn.Module):
-    """Head outputs onto the run's sphere or hyperboloid (:func:`embed_projection`)."""
-
-    def __init__(self, embedding: str, curvature: float) -> None:
-        super().__init__()
-        self.embedding, self.curvature = embedding, curvature
-
-    def forward(self, z: Tensor) -> Tensor:
-        return embed_projection(z, self.embedding, self.curvature)
+    module = load_trained_encoder(run, cfg, info.channels, layer)
+    return TrainedEncoder(run, cfg, info, module, layer), dataset
 
 
 def dominant_kind(p: AugParams) -> str:
@@ -116,19 +93,16 @@ def dominant_kind(p: AugParams) -> str:
     return "mild crop/flip"
 
 
-def _augmenter(cfg: Config, info: DataInfo) -> Augmenter:
-    recipe = AugmentRecipe.for_channels(info.channels, crop_scale=(cfg.crop_min_scale, 1.0))
-    return Augmenter(recipe, info.image_size, info.mean, info.std)
-
-
-def _unnormalise(x: Tensor, info: DataInfo) -> Tensor:
-    mean = torch.tensor(info.mean).view(1, -1, 1, 1)
-    std = torch.tensor(info.std).view(1, -1, 1, 1)
-    return (x * std + mean).clamp(0, 1)
+def augment_again(augmenter: Augmenter, x_a: Tensor, b: AugParams) -> Tensor:
+    """``b(a(x))`` from the views ``x_a = a(x)`` (``augmenter``'s normalised output), for
+    "apply a, then b" (paper, Corollary 1): back to pixels in [0, 1], then augmented by ``b``."""
+    mean = torch.tensor(augmenter.mean).view(1, -1, 1, 1)
+    std = torch.tensor(augmenter.std).view(1, -1, 1, 1)
+    return augmenter.apply((x_a * std + mean).clamp(0, 1), b)
 
 
 def measure(
-    encoders: list[Encoder],
+    encoders: list[TrainedEncoder],
     images: Tensor,
     *,
     trials: int = 20,
@@ -137,7 +111,7 @@ def measure(
 ) -> dict[str, Any]:
     """Per-trial metrics, composition errors and parameter probes for each encoder."""
     info, cfg = encoders[0].info, encoders[0].cfg
-    augmenter = _augmenter(cfg, info)
+    augmenter = build_augmenter(cfg, info)
     n = images.shape[0]
     clean = eval_transform(images, info.image_size, info.mean, info.std, info.eval_crop_fraction)
     base = [enc(clean) for enc in encoders]
@@ -171,7 +145,7 @@ def measure(
         a, b = one(gen), one(gen)
         x_a = augmenter.apply(images, a)
         x_b = augmenter.apply(images, b)
-        x_ba = augmenter.apply(_unnormalise(x_a, info), b)  # "apply a, then b"
+        x_ba = augment_again(augmenter, x_a, b)
         for enc, f, res in zip(encoders, base, results, strict=True):
             res["composition"].append(composition_error(f, enc(x_a), enc(x_b), enc(x_ba)))
     per_image = augmenter.sample(n, gen)
@@ -223,14 +197,12 @@ def equivariance_command(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Measure one run (or compare two) and write equivariance.json and plots into RUN_DIR."""
-    from care.plots import plot_equivariance
-
     if trials < 1 or samples < 2:
         raise CareError("trials must be at least 1 and samples at least 2")
-    encoder, _ = load_encoder(run_dir, layer)
+    encoder, dataset = load_trained(run_dir, layer, split)
     encoders = [encoder]
     if against is not None:
-        other, _ = load_encoder(against, layer)
+        other, _ = load_trained(against, layer, split)
         if (other.cfg.dataset, other.info.image_size) != (
             encoder.cfg.dataset,
             encoder.info.image_size,
@@ -240,7 +212,6 @@ def equivariance_command(
                 "one dataset and image size"
             )
         encoders.append(other)
-    dataset = load_split(encoder.cfg, split)
     count = min(samples, len(dataset))
     images = torch.stack([dataset[i][0] for i in range(count)])
     measured = measure(encoders, images, trials=trials, compositions=compositions, seed=seed)

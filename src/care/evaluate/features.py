@@ -8,8 +8,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from care.augment.eval import eval_transform
-from care.data import LabeledImages
-from care.methods import DataInfo
+from care.data import DataInfo, LabeledImages
 
 
 @torch.no_grad()

@@ -18,41 +18,27 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 from torch import Tensor, nn
 
-from care.config import Config, validate
+from care.config import EVALUATION_KEYS, Config, with_overrides
+from care.data import data_info, load_split
 from care.errors import CareError
 from care.evaluate.features import extract_features
-from care.evaluate.knn import weighted_knn_accuracy
-from care.models import ResNet
-from care.runs import RunDir, atomic_write_json, load_weights
-from care.train import data_info, load_split
+from care.methods import views_label
+from care.metrics import weighted_knn_accuracy
+from care.runs import RunDir, atomic_write_json, load_trained_encoder
 
 PROBE_MOMENTUM = 0.9
 """Momentum of the SGD probe (MoCo's ``main_lincls.py``); Nesterov is off."""
 
-PROBE_KEYS = (
-    "probe_epochs",
-    "probe_seeds",
-    "probe_optimizer",
-    "probe_lr",
-    "probe_milestones",
-    "probe_weight_decay",
-    "probe_batch_size",
-    "knn_k",
-    "knn_temperature",
-    "data_root",
-    "accelerator",
-)
-
 
 @dataclass(frozen=True)
-class ProbeResult:
+class LinearProbeResult:
+    """Test accuracy (%) of the linear probe over its seeds, and the settings that produced it."""
+
     mean: float
     std: float
     per_seed: list[float]
@@ -126,7 +112,7 @@ def train_linear_probe(
 
 def linear_probe(
     train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, num_classes: int, cfg: Config
-) -> ProbeResult:
+) -> LinearProbeResult:
     """The probe over ``cfg.probe_seeds`` seeds: mean ± std of test accuracy (in %)."""
     accuracies: list[float] = []
     with Progress(transient=True) as progress:
@@ -149,7 +135,7 @@ def linear_probe(
             accuracies.append(100.0 * accuracy)
             progress.advance(task)
     std = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
-    return ProbeResult(
+    return LinearProbeResult(
         statistics.fmean(accuracies),
         std,
         accuracies,
@@ -169,32 +155,22 @@ def _device(cfg: Config) -> torch.device:
     return torch.device("cpu")
 
 
-def with_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
-    """``cfg`` with ``overrides`` (plain values or OmegaConf nodes from the CLI), type-checked
-    against the schema (``probe_milestones=[30,40,50]`` becomes a list of ints) and validated."""
-    if not overrides:
-        validate(cfg)
-        return cfg
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(cfg), OmegaConf.create(dict(overrides)))
-        result = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", None) or "?"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CareError(f"bad value for '{key}': {first}") from None
-    assert isinstance(result, Config)
-    validate(result)
-    return result
-
-
 def probe_run(run_dir: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Evaluate a finished run's backbone; writes and returns ``probe.json``'s content."""
+    """Evaluate a finished run's backbone; writes and returns ``probe.json``'s content.
+
+    ``overrides`` may change the evaluation settings only (:data:`care.config.EVALUATION_KEYS`).
+    """
+    overrides = overrides or {}
+    for key in overrides:
+        if key not in EVALUATION_KEYS:
+            raise CareError(
+                f"'{key}' cannot be changed by `care probe`: use one of {list(EVALUATION_KEYS)}"
+            )
     run = RunDir(run_dir)
-    cfg = with_overrides(run.read_config(), overrides or {})
+    cfg = with_overrides(run.read_config(), overrides)
     train_set, test_set = load_split(cfg, "train"), load_split(cfg, "test")
     info = data_info(cfg, train_set)
-    backbone = ResNet(cfg.backbone, in_channels=info.channels, stem=cfg.stem, widths=cfg.widths)
-    load_weights(backbone, run.backbone)
+    backbone = load_trained_encoder(run, cfg, info.channels, "backbone")
     device = _device(cfg)
     train_x, train_y = extract_features(
         backbone, train_set, info, device=device, description="train features"
@@ -209,7 +185,7 @@ def probe_run(run_dir: str, overrides: dict[str, Any] | None = None) -> dict[str
     result = {
         "run": str(run.root),
         "method": cfg.method,
-        "views": cfg.views if cfg.grouped else None,
+        "views": views_label(cfg),
         "dataset": cfg.dataset,
         "features": {
             "layer": "backbone",

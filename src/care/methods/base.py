@@ -1,39 +1,77 @@
-"""The one base method: encoder f = sphere ∘ head ∘ backbone, batched augmentation, optimiser.
+"""What every method shares: the encoder, the views of a step, the losses' geometry, the optimiser.
 
-A method only chooses its views (:meth:`ContrastiveMethod.sample_views`) and its loss
-(:meth:`ContrastiveMethod.compute_loss`); the base class augments all views in one go, embeds them
-in one forward pass, checks the loss, logs it and builds the optimiser and schedule.
+One training step (:meth:`ContrastiveMethod.training_step`) draws this step's augmentations,
+applies them (:meth:`~ContrastiveMethod.make_views`, which returns the views by role as
+:class:`Views`), hands them to the method's own :meth:`~ContrastiveMethod.compute_losses`, which
+reads top to bottom (embed the views, compute the loss terms), then checks the loss and logs it.
+A method is one small class that sets ``name`` and ``uses_groups`` and writes
+``compute_losses``; the registry in :mod:`care.methods` maps its name to it.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import lightning as L
 import torch
 from torch import Tensor
 
-from care.augment import Augmenter, AugmentRecipe, AugParams
+from care.augment import AugParams, build_augmenter
 from care.augment.eval import eval_transform
 from care.config import Config
+from care.data import DataInfo
 from care.distributed import any_rank, gather_with_grad, rank_and_world
 from care.errors import CareError
 from care.losses import InfoNCETerms, equivariance_loss, info_nce_terms
-from care.models import ProjectionHead, ResNet, embed_projection
+from care.models import build_encoder
+
+OPTIMIZERS = ("adam", "sgd")
+SCHEDULERS = ("cosine", "constant")
+
+#: Where care 0.1 checkpoints kept the weights that now live in ``encoder`` and ``key_encoder``.
+_V01_PREFIXES = {
+    "backbone.": "encoder.backbone.",
+    "head.": "encoder.head.",
+    "key_backbone.": "key_encoder.backbone.",
+    "key_head.": "key_encoder.head.",
+}
+
+
+class ViewPair(NamedTuple):
+    """Two augmented views of the same images, ``(B, C, H, W)`` each, row ``i`` of both from
+    image ``i``."""
+
+    first: Tensor
+    second: Tensor
 
 
 @dataclass(frozen=True)
-class DataInfo:
-    """What a method needs to know about its data."""
+class Views:
+    """The augmented images of one training step, by the role they play in the loss.
 
-    channels: int
-    image_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    num_classes: int
-    eval_crop_fraction: float = 1.0
+    ``contrastive`` is InfoNCE's pair (SimCLR, MoCo: queries and keys come from it).
+    ``grouped`` is L_equi's group-shared pair: the ``group_size`` consecutive images of a group
+    share one augmentation in ``first`` and another in ``second`` (paper, Algorithm 1); it is
+    ``None`` for methods without L_equi, and the very object ``contrastive`` is when InfoNCE is
+    computed on the group-shared views (``views=shared``).
+    """
+
+    contrastive: ViewPair
+    grouped: ViewPair | None = None
+
+    @property
+    def shared(self) -> bool:
+        """True when InfoNCE and L_equi see the same pair of views."""
+        return self.grouped is self.contrastive
+
+    @property
+    def group_shared(self) -> ViewPair:
+        """The group-shared pair; a method with L_equi needs it."""
+        if self.grouped is None:
+            raise ValueError("these views have no group-shared pair: L_equi needs one")
+        return self.grouped
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -42,98 +80,72 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 
 
 class ContrastiveMethod(L.LightningModule):
-    """Base LightningModule of every method. Subclasses set ``name`` and implement two hooks."""
+    """Base LightningModule of every method. A subclass sets ``name`` (its config value),
+    ``uses_groups`` (whether its loss has L_equi) and implements :meth:`compute_losses`."""
 
     name: ClassVar[str] = ""
+    uses_groups: ClassVar[bool] = False
+    """Whether the loss includes L_equi, which needs group-shared views (``group_size``)."""
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        """Raise :class:`CareError` (one line) if ``cfg`` cannot train this method."""
+        if not cls.uses_groups:
+            return
+        if cfg.group_size < 2:
+            raise CareError(
+                f"bad value for 'group_size': {cfg.group_size}; L_equi needs groups of at least 2"
+            )
+        if cfg.batch_size % cfg.group_size != 0:
+            raise CareError(
+                f"batch_size={cfg.batch_size} does not split into groups of "
+                f"group_size={cfg.group_size}: choose a batch_size that is a multiple of group_size"
+            )
 
     def __init__(self, cfg: Config, data: DataInfo) -> None:
+        type(self).check_config(cfg)
         super().__init__()
         self.cfg = cfg
         self.data = data
-        self.backbone = ResNet(
-            cfg.backbone, in_channels=data.channels, stem=cfg.stem, widths=cfg.widths
-        )
-        self.head = ProjectionHead(self.backbone.feature_dim, cfg.head_hidden, cfg.head_out)
-        recipe = AugmentRecipe.for_channels(data.channels, crop_scale=(cfg.crop_min_scale, 1.0))
-        self.augmenter = Augmenter(recipe, data.image_size, data.mean, data.std)
+        self.encoder = build_encoder(cfg, data.channels)
+        self.augmenter = build_augmenter(cfg, data)
 
-    # ----------------------------------------------------------------- hooks
-    def sample_views(self, n: int, generator: torch.Generator) -> list[AugParams]:
-        """Augmentation records of every view of a batch of ``n`` images."""
+    # ------------------------------------------------------------- the step
+    def compute_losses(self, views: Views) -> dict[str, Tensor]:
+        """The loss terms of one step's views; ``loss`` is the one to minimise."""
         raise NotImplementedError
 
-    def compute_loss(self, embeddings: list[Tensor]) -> dict[str, Tensor]:
-        """Loss terms from the views' embeddings (same order as ``sample_views``); key ``loss``."""
-        raise NotImplementedError
+    @property
+    def shares_views(self) -> bool:
+        """Whether InfoNCE uses the group-shared views (``views=shared``)."""
+        return self.cfg.views == "shared"
 
-    # ----------------------------------------------------------- the encoder
-    def embed(self, x: Tensor) -> Tensor:
-        """f(x): the backbone features' projection on the unit sphere, or lifted onto the
-        hyperboloid of curvature ``-c`` (``cfg.embedding``, ``cfg.curvature``; paper, Sec. 3.2)."""
-        return embed_projection(self.head(self.backbone(x)), self.cfg.embedding, self.cfg.curvature)
+    def make_views(self, images: Tensor, generator: torch.Generator) -> Views:
+        """This step's views, drawn from ``generator`` and applied on the images' device.
 
-    # ------------------------------------------------- the losses' geometry
-    def contrastive_terms(self, z1: Tensor, z2: Tensor) -> InfoNCETerms:
-        """InfoNCE of two views (paper, Eq. 1). Under DDP each local anchor is compared with both
-        views of every rank's samples, gathered with gradients (:mod:`care.distributed`). On the
-        hyperboloid the similarity is ``-d_L²/2`` (:func:`care.losses.info_nce_terms`)."""
-        rank, _ = rank_and_world()
-        c1, c2 = gather_with_grad(z1), gather_with_grad(z2)
-        return info_nce_terms(
-            z1,
-            z2,
-            self.cfg.temperature,
-            candidates1=c1,
-            candidates2=c2,
-            offset=rank * z1.shape[0],
-            similarity="lorentz" if self.cfg.embedding == "hyperboloid" else "dot",
-            curvature=self.cfg.curvature,
+        InfoNCE's pair has independent augmentations per image. A method with L_equi also gets
+        the group-shared pair, which is InfoNCE's pair too when :attr:`shares_views` (two
+        backbone passes per step) and otherwise comes on top of it (four, as in the paper).
+        """
+        n = images.shape[0]
+        sample = self.augmenter.sample
+        if not self.uses_groups:
+            return Views(self.augment(images, sample(n, generator), sample(n, generator)))
+        cfg = self.cfg
+        grouped = self.augment(
+            images,
+            sample(n, generator, group_size=cfg.group_size, pairs=cfg.pairs),
+            sample(n, generator, group_size=cfg.group_size, pairs=cfg.pairs),
         )
-
-    def equivariance(self, e1: Tensor, e2: Tensor) -> Tensor:
-        """L_equi (paper, Eq. 3) of two group-shared views under the bilinear form ``cfg.form``
-        (paper, Sec. 3.2); groups never span ranks."""
-        return equivariance_loss(e1, e2, self.cfg.group_size, form=self.cfg.form)
-
-    def step_generator(self) -> torch.Generator:
-        """CPU generator for this step's augmentation, seeded by (seed, step, rank)."""
-        gen = torch.Generator()
-        gen.manual_seed(step_seed(self.cfg.seed, self.global_step, self.global_rank))
-        return gen
-
-    def augment_views(self, images: Tensor, params: list[AugParams]) -> list[Tensor]:
-        """The views, stacked two at a time (the pair that one loss term compares)."""
-        views = [self.augmenter.apply(images, p) for p in params]
-        return [torch.cat(views[i : i + 2]) for i in range(0, len(views), 2)]
-
-    def forward_views(self, stacks: list[Tensor], batch_size: int) -> list[Tensor]:
-        """Embed each stack in one forward pass (BatchNorm statistics over the pair of views)."""
-        embeddings: list[Tensor] = []
-        for stack in stacks:
-            z = self.embed(stack)  # the losses compute half precision in float32
-            embeddings.extend(z.split(batch_size))
-        return embeddings
-
-    def embed_views(self, stacks: list[Tensor], batch_size: int) -> list[Tensor]:
-        """Every embedding ``compute_loss`` takes (hook; MoCo adds its momentum keys)."""
-        return self.forward_views(stacks, batch_size)
-
-    def after_loss(self, embeddings: list[Tensor]) -> None:
-        """Bookkeeping once the step's loss is computed (hook; MoCo enqueues its keys)."""
-
-    # -------------------------------------------------------------- training
-    def loss_from_views(self, stacks: list[Tensor], batch_size: int) -> dict[str, Tensor]:
-        """Loss terms of already augmented views (stacked in pairs, as ``augment_views`` returns)."""
-        embeddings = self.embed_views(stacks, batch_size)
-        losses = self.compute_loss(embeddings)
-        self.after_loss(embeddings)
-        return losses
+        if self.shares_views:
+            return Views(contrastive=grouped, grouped=grouped)
+        contrastive = self.augment(images, sample(n, generator), sample(n, generator))
+        return Views(contrastive=contrastive, grouped=grouped)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images = batch[0]
-        n = images.shape[0]
-        params = self.sample_views(n, self.step_generator())
-        losses = self.loss_from_views(self.augment_views(images, params), n)
+        views = self.make_views(images, self.step_generator())
+        losses = self.compute_losses(views)
         loss = losses["loss"]
         if any_rank(not bool(torch.isfinite(loss))):  # collective: every rank stops together
             raise CareError(
@@ -159,6 +171,44 @@ class ContrastiveMethod(L.LightningModule):
         )
         return loss
 
+    # ------------------------------------------------ what the steps share
+    def step_generator(self) -> torch.Generator:
+        """CPU generator for this step's augmentation, seeded by (seed, step, rank)."""
+        gen = torch.Generator()
+        gen.manual_seed(step_seed(self.cfg.seed, self.global_step, self.global_rank))
+        return gen
+
+    def augment(self, images: Tensor, first: AugParams, second: AugParams) -> ViewPair:
+        """The two views of ``images`` under two parameter records."""
+        return ViewPair(self.augmenter.apply(images, first), self.augmenter.apply(images, second))
+
+    def embed_pair(self, pair: ViewPair) -> tuple[Tensor, Tensor]:
+        """f of both views in one forward pass (BatchNorm statistics over the pair)."""
+        z1, z2 = self.encoder(torch.cat(pair)).split(pair.first.shape[0])
+        return z1, z2
+
+    def info_nce(self, z1: Tensor, z2: Tensor) -> InfoNCETerms:
+        """InfoNCE of two views (paper, Eq. 1). Under DDP each local anchor is compared with both
+        views of every rank's samples, gathered with gradients (:mod:`care.distributed`). On the
+        hyperboloid the similarity is ``-d_L²/2`` (:func:`care.losses.info_nce_terms`)."""
+        rank, _ = rank_and_world()
+        return info_nce_terms(
+            z1,
+            z2,
+            self.cfg.temperature,
+            candidates1=gather_with_grad(z1),
+            candidates2=gather_with_grad(z2),
+            offset=rank * z1.shape[0],
+            similarity="lorentz" if self.cfg.embedding == "hyperboloid" else "dot",
+            curvature=self.cfg.curvature,
+        )
+
+    def equivariance(self, e1: Tensor, e2: Tensor) -> Tensor:
+        """L_equi (paper, Eq. 3) of the group-shared pair under the bilinear form ``cfg.form``
+        (paper, Sec. 3.2); groups never span ranks."""
+        return equivariance_loss(e1, e2, self.cfg.group_size, form=self.cfg.form)
+
+    # ------------------------------------------------------ online monitor
     def validation_step(
         self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0
     ) -> dict[str, Tensor]:
@@ -171,9 +221,19 @@ class ContrastiveMethod(L.LightningModule):
             self.data.std,
             self.data.eval_crop_fraction,
         )
-        return {"features": self.backbone(x).float(), "labels": labels}
+        return {"features": self.encoder.backbone(x).float(), "labels": labels}
 
-    # ------------------------------------------------------------- optimiser
+    # ---------------------------------------------------------- checkpoints
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resume care 0.1 checkpoints too, which kept the encoder's parts at the top level."""
+        state = checkpoint["state_dict"]
+        renamed = {}
+        for key, value in state.items():
+            old = next((p for p in _V01_PREFIXES if key.startswith(p)), None)
+            renamed[key if old is None else _V01_PREFIXES[old] + key[len(old) :]] = value
+        checkpoint["state_dict"] = renamed
+
+    # ------------------------------------------------------------ optimiser
     def configure_optimizers(self) -> Any:
         cfg = self.cfg
         params = [p for p in self.parameters() if p.requires_grad]

@@ -3,11 +3,9 @@ ablation (paper, Figure 2)."""
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from care.augment import AugParams
-from care.methods.base import ContrastiveMethod
+from care.methods.base import ContrastiveMethod, Views
 
 
 class CARE(ContrastiveMethod):
@@ -19,37 +17,30 @@ class CARE(ContrastiveMethod):
     """
 
     name = "care"
+    uses_groups = True
 
-    def sample_group_pair(self, n: int, generator: torch.Generator) -> list[AugParams]:
-        """Two views in which each group of ``group_size`` images shares its augmentation."""
-        cfg = self.cfg
-        return [
-            self.augmenter.sample(n, generator, group_size=cfg.group_size, pairs=cfg.pairs)
-            for _ in range(2)
-        ]
-
-    def sample_views(self, n: int, generator: torch.Generator) -> list[AugParams]:
-        grouped = self.sample_group_pair(n, generator)
-        if self.cfg.views == "shared":
-            return grouped
-        return [self.augmenter.sample(n, generator) for _ in range(2)] + grouped
-
-    def compute_loss(self, embeddings: list[Tensor]) -> dict[str, Tensor]:
-        terms = self.contrastive_terms(embeddings[0], embeddings[1])
-        equi = self.equivariance(embeddings[-2], embeddings[-1])
+    def compute_losses(self, views: Views) -> dict[str, Tensor]:
+        z1, z2 = self.embed_pair(views.contrastive)
+        e1, e2 = (z1, z2) if views.shared else self.embed_pair(views.group_shared)
+        terms = self.info_nce(z1, z2)
+        equi = self.equivariance(e1, e2)
         loss = terms.total + self.cfg.weight * equi
         return {"loss": loss, "inv": terms.inv, "unif": terms.unif, "equi": equi}
 
 
-class EquiUnif(CARE):
-    """The ablation L_unif + λ·L_equi (paper, Figure 2): no invariance term, two shared views."""
+class EquiUnif(ContrastiveMethod):
+    """The ablation L_unif + λ·L_equi (paper, Figure 2): no invariance term, two group-shared
+    views (``views`` does not apply)."""
 
     name = "equi_unif"
+    uses_groups = True
 
-    def sample_views(self, n: int, generator: torch.Generator) -> list[AugParams]:
-        return self.sample_group_pair(n, generator)
+    @property
+    def shares_views(self) -> bool:
+        return True
 
-    def compute_loss(self, embeddings: list[Tensor]) -> dict[str, Tensor]:
-        terms = self.contrastive_terms(embeddings[0], embeddings[1])
-        equi = self.equivariance(embeddings[0], embeddings[1])
-        return {"loss": terms.unif + self.cfg.weight * equi, "unif": terms.unif, "equi": equi}
+    def compute_losses(self, views: Views) -> dict[str, Tensor]:
+        e1, e2 = self.embed_pair(views.group_shared)
+        unif = self.info_nce(e1, e2).unif
+        equi = self.equivariance(e1, e2)
+        return {"loss": unif + self.cfg.weight * equi, "unif": unif, "equi": equi}

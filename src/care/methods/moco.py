@@ -14,12 +14,12 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from care.augment import AugParams
 from care.config import Config
+from care.data import DataInfo
 from care.distributed import gather_no_grad
 from care.errors import CareError
 from care.losses import InfoNCETerms, moco_terms
-from care.methods.base import ContrastiveMethod, DataInfo
+from care.methods.base import ContrastiveMethod, ViewPair, Views
 from care.models import to_sphere
 
 
@@ -69,55 +69,43 @@ class MoCo(ContrastiveMethod):
 
     name = "moco"
 
-    def __init__(self, cfg: Config, data: DataInfo) -> None:
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        super().check_config(cfg)
         if cfg.embedding != "sphere":
             raise CareError(
                 f"method={cfg.method} supports embedding=sphere only (its queue holds unit "
                 "vectors): set embedding=sphere or use method=care"
             )
+
+    def __init__(self, cfg: Config, data: DataInfo) -> None:
         super().__init__(cfg, data)
-        self.key_backbone = copy.deepcopy(self.backbone)
-        self.key_head = copy.deepcopy(self.head)
-        for p in (*self.key_backbone.parameters(), *self.key_head.parameters()):
-            p.requires_grad_(False)
+        self.key_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
         generator = torch.Generator().manual_seed(cfg.seed)
         self.queue = KeyQueue(cfg.queue_size, cfg.head_out, generator)
 
-    def key_embed(self, x: Tensor) -> Tensor:
-        """Keys: the momentum encoder's embedding, without gradient."""
-        with torch.no_grad():
-            return to_sphere(self.key_head(self.key_backbone(x)))
+    def compute_losses(self, views: Views) -> dict[str, Tensor]:
+        q1, q2 = self.embed_pair(views.contrastive)
+        k1, k2 = self.momentum_keys(views.contrastive)
+        terms = self.symmetric_moco(q1, q2, k1, k2)
+        self.queue.push(gather_no_grad(k2))  # from every rank, once they served as positives
+        return {"loss": terms.total, "inv": terms.inv, "unif": terms.unif}
 
-    def on_train_batch_start(self, batch: object, batch_idx: int) -> None:
-        # Before this step's keys, as in the official code: keys come from the EMA of the
-        # query encoder as it stands after the previous optimiser step.
-        momentum_update(self.key_backbone, self.backbone, self.cfg.moco_momentum)
-        momentum_update(self.key_head, self.head, self.cfg.moco_momentum)
+    @torch.no_grad()
+    def momentum_keys(self, pair: ViewPair) -> tuple[Tensor, Tensor]:
+        """Keys of both views from the key encoder, without gradient, after its EMA step
+        θ_k ← m·θ_k + (1 − m)·θ_q. As in the official code, the keys come from the EMA of the
+        query encoder as it stands after the previous optimiser step."""
+        momentum_update(self.key_encoder, self.encoder, self.cfg.moco_momentum)
+        k1, k2 = self.key_encoder(torch.cat(pair)).split(pair.first.shape[0])
+        return k1, k2
 
-    def sample_views(self, n: int, generator: torch.Generator) -> list[AugParams]:
-        return [self.augmenter.sample(n, generator) for _ in range(2)]
-
-    def embed_views(self, stacks: list[Tensor], batch_size: int) -> list[Tensor]:
-        """Queries of every view, then the keys of the first pair."""
-        queries = self.forward_views(stacks, batch_size)
-        return [*queries, *self.key_embed(stacks[0]).split(batch_size)]
-
-    def after_loss(self, embeddings: list[Tensor]) -> None:
-        """The queue takes the second view's keys (from every rank), once they served as
-        this step's positives."""
-        self.queue.push(gather_no_grad(embeddings[-1]))
-
-    def moco(self, q1: Tensor, q2: Tensor, k1: Tensor, k2: Tensor) -> InfoNCETerms:
-        """The symmetrised MoCo terms of the first pair of views."""
+    def symmetric_moco(self, q1: Tensor, q2: Tensor, k1: Tensor, k2: Tensor) -> InfoNCETerms:
+        """Each view's queries against the other view's keys and the queue, averaged."""
         queue = self.queue.keys.clone()  # the queue changes after this step
         a = moco_terms(q1, k2, queue, self.cfg.temperature)
         b = moco_terms(q2, k1, queue, self.cfg.temperature)
         return InfoNCETerms(inv=(a.inv + b.inv) / 2, unif=(a.unif + b.unif) / 2)
-
-    def compute_loss(self, embeddings: list[Tensor]) -> dict[str, Tensor]:
-        """``embeddings``: queries of each view, then the keys of views 1 and 2."""
-        terms = self.moco(embeddings[0], embeddings[1], embeddings[-2], embeddings[-1])
-        return {"loss": terms.total, "inv": terms.inv, "unif": terms.unif}
 
 
 class CAREMoCo(MoCo):
@@ -126,21 +114,14 @@ class CAREMoCo(MoCo):
     themselves are group-shared)."""
 
     name = "care_moco"
+    uses_groups = True
 
-    def sample_views(self, n: int, generator: torch.Generator) -> list[AugParams]:
-        cfg = self.cfg
-        grouped = [
-            self.augmenter.sample(n, generator, group_size=cfg.group_size, pairs=cfg.pairs)
-            for _ in range(2)
-        ]
-        if cfg.views == "shared":
-            return grouped
-        return [self.augmenter.sample(n, generator) for _ in range(2)] + grouped
-
-    def compute_loss(self, embeddings: list[Tensor]) -> dict[str, Tensor]:
-        """``embeddings``: queries of each view (2 or 4), then the keys of views 1 and 2."""
-        queries = embeddings[:-2]
-        terms = self.moco(queries[0], queries[1], embeddings[-2], embeddings[-1])
-        equi = self.equivariance(queries[-2], queries[-1])
+    def compute_losses(self, views: Views) -> dict[str, Tensor]:
+        q1, q2 = self.embed_pair(views.contrastive)
+        e1, e2 = (q1, q2) if views.shared else self.embed_pair(views.group_shared)
+        k1, k2 = self.momentum_keys(views.contrastive)
+        terms = self.symmetric_moco(q1, q2, k1, k2)
+        equi = self.equivariance(e1, e2)
+        self.queue.push(gather_no_grad(k2))
         loss = terms.total + self.cfg.weight * equi
         return {"loss": loss, "inv": terms.inv, "unif": terms.unif, "equi": equi}

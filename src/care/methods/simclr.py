@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from care.augment import AugParams
-from care.methods.base import ContrastiveMethod
+from care.methods.base import ContrastiveMethod, Views
 
 
 class SimCLR(ContrastiveMethod):
@@ -14,9 +12,7 @@ class SimCLR(ContrastiveMethod):
 
     name = "simclr"
 
-    def sample_views(self, n: int, generator: torch.Generator) -> list[AugParams]:
-        return [self.augmenter.sample(n, generator) for _ in range(2)]
-
-    def compute_loss(self, embeddings: list[Tensor]) -> dict[str, Tensor]:
-        terms = self.contrastive_terms(embeddings[0], embeddings[1])
+    def compute_losses(self, views: Views) -> dict[str, Tensor]:
+        z1, z2 = self.embed_pair(views.contrastive)
+        terms = self.info_nce(z1, z2)
         return {"loss": terms.total, "inv": terms.inv, "unif": terms.unif}

@@ -33,20 +33,6 @@ from torch import Tensor
 
 from care.geometry import Form, form_matrix
 
-__all__ = [
-    "EquivarianceReport",
-    "GroupFitResult",
-    "ProbeResult",
-    "WahbaResult",
-    "composition_error",
-    "equivariance_report",
-    "group_fit",
-    "linear_fit",
-    "parameter_probe",
-    "relative_equivariance",
-    "wahba_error",
-]
-
 _GROUPS = ("SO", "O")
 # Relative threshold below which an invariance distance counts as zero (see EquivarianceReport).
 _ZERO_REL = 1e-12
@@ -64,8 +50,14 @@ def _compute_device(device: torch.device) -> torch.device:
     return torch.device("cpu") if device.type == "mps" else device
 
 
-def _as_f64(x: Tensor, name: str, device: torch.device | None = None) -> Tensor:
-    """Detach, move to the compute device and cast to float64; check it is finite."""
+def as_float64(x: Tensor, name: str, device: torch.device | None = None) -> Tensor:
+    """``x`` detached, on the compute device (``device``, or ``x``'s own with MPS → CPU), as
+    float64. The result may share memory with ``x`` (when it already is float64 there).
+
+    Raises:
+        TypeError: ``x`` is not a tensor.
+        ValueError: ``x`` is complex or has NaN or Inf entries (the message names ``name``).
+    """
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.is_complex():
@@ -77,8 +69,16 @@ def _as_f64(x: Tensor, name: str, device: torch.device | None = None) -> Tensor:
     return out
 
 
-def _pair(F: Tensor, F_a: Tensor, names: tuple[str, str] = ("F", "F_a")) -> tuple[Tensor, Tensor]:
-    """Validate two ``(n, d)`` embedding matrices of equal shape and return float64 copies."""
+def embedding_pair(
+    F: Tensor, F_a: Tensor, names: tuple[str, str] = ("F", "F_a")
+) -> tuple[Tensor, Tensor]:
+    """Check two ``(n, d)`` embedding matrices (rows = samples) of one shape with ``n, d >= 1``
+    and return both through :func:`as_float64`, on ``F``'s compute device.
+
+    Raises:
+        ValueError: a non-2-D or empty input, mismatched shapes, complex or non-finite values
+            (the messages name the inputs by ``names``).
+    """
     for x, nm in zip((F, F_a), names, strict=True):
         if not isinstance(x, Tensor) or x.ndim != 2:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
@@ -93,7 +93,7 @@ def _pair(F: Tensor, F_a: Tensor, names: tuple[str, str] = ("F", "F_a")) -> tupl
             f"{names[0]} must have at least one row and one column, got {tuple(F.shape)}"
         )
     dev = _compute_device(F.device)
-    return _as_f64(F, names[0], dev), _as_f64(F_a, names[1], dev)
+    return as_float64(F, names[0], dev), as_float64(F_a, names[1], dev)
 
 
 def _check_group(group: str) -> None:
@@ -135,11 +135,8 @@ def _rotation_from_svd(U: Tensor, Vh: Tensor, group: str) -> Tensor:
     """Kabsch/Wahba optimum ``U diag(1, …, 1, s) Vᵀ`` with ``s = det(U Vᵀ)`` for SO, 1 for O."""
     if group == "O":
         return U @ Vh
-    sign = torch.sign(torch.linalg.det(U @ Vh))
-    # det of an orthogonal matrix is ±1; guard the (impossible in exact arithmetic) zero case.
-    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
     D = torch.ones(U.shape[1], dtype=U.dtype, device=U.device)
-    D[-1] = sign
+    D[-1] = torch.sign(torch.linalg.det(U @ Vh))  # U Vᵀ is orthogonal: its det is ±1
     return (U * D) @ Vh
 
 
@@ -180,7 +177,7 @@ def wahba_error(F: Tensor, F_a: Tensor, group: str = "SO") -> WahbaResult:
         ValueError: unknown ``group``, mismatched or non-2-D shapes, or non-finite values.
     """
     _check_group(group)
-    F64, Fa64 = _pair(F, F_a)
+    F64, Fa64 = embedding_pair(F, F_a)
     return _wahba(F64, Fa64, group)
 
 
@@ -199,6 +196,13 @@ def _lstsq(F: Tensor, F_a: Tensor) -> Tensor:
     return torch.linalg.pinv(F) @ F_a
 
 
+def _linear_fit(F: Tensor, F_a: Tensor) -> tuple[Tensor, float]:
+    """:func:`linear_fit` on inputs already checked by :func:`embedding_pair`."""
+    M = _lstsq(F, F_a).T
+    res = float(torch.linalg.vector_norm(F @ M.T - F_a).item())
+    return M, res / math.sqrt(F.shape[0])
+
+
 def linear_fit(F: Tensor, F_a: Tensor) -> tuple[Tensor, float]:
     """Unconstrained least-squares map ``M = argmin_M ||F Mᵀ - F_a||_Fro`` and its residual.
 
@@ -213,10 +217,7 @@ def linear_fit(F: Tensor, F_a: Tensor) -> tuple[Tensor, float]:
         ``(M, residual)``: ``M`` is a ``(d, d)`` float64 tensor; ``residual`` is
         ``||F Mᵀ - F_a||_Fro / √n``.
     """
-    F64, Fa64 = _pair(F, F_a)
-    M = _lstsq(F64, Fa64).T
-    res = float(torch.linalg.vector_norm(F64 @ M.T - Fa64).item())
-    return M, res / math.sqrt(F64.shape[0])
+    return _linear_fit(*embedding_pair(F, F_a))
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,17 +236,16 @@ class GroupFitResult:
             the group (e.g. a Lorentz map for ``J = diag(-1, 1, …, 1)``).
         relative_deviation: ``deviation / ||J||_Fro``, comparable across sizes and forms.
         matrix: the fitted ``(d, d)`` float64 ``Λ`` with ``f(a(x)) ≈ Λ f(x)``.
-        form_distortion: ``||F J Fᵀ - F_a J F_aᵀ||_Fro / ||F J Fᵀ||_Fro``, computed without ``Λ``:
-            how much ``a`` changes the form between the samples (what L_equi trains to 0). Unlike
-            ``deviation`` it does not depend on directions the data barely spans, where the
-            least-squares ``Λ`` is poorly determined.
+
+    :func:`form_distortion` measures the form's change without ``Λ``; unlike ``deviation`` it
+    does not depend on directions the data barely spans, where the least-squares ``Λ`` is poorly
+    determined.
     """
 
     residual: float
     deviation: float
     relative_deviation: float
     matrix: Tensor
-    form_distortion: float = 0.0
 
     def as_dict(self) -> dict[str, float]:
         """The three numbers, for JSON (without the matrix)."""
@@ -253,7 +253,6 @@ class GroupFitResult:
             "residual": self.residual,
             "deviation": self.deviation,
             "relative_deviation": self.relative_deviation,
-            "form_distortion": self.form_distortion,
         }
 
 
@@ -278,13 +277,10 @@ def group_fit(F: Tensor, F_a: Tensor, J: Form) -> GroupFitResult:
     Raises:
         ValueError: mismatched or non-2-D shapes, non-finite values, or an invalid form.
     """
-    F64, Fa64 = _pair(F, F_a)
-    n, d = F64.shape
-    J64 = form_matrix(J, d, dtype=torch.float64, device=F64.device)
-    if not bool(torch.isfinite(J64).all()):
-        raise ValueError("J contains NaN or Inf values")
-    M = _lstsq(F64, Fa64).T
-    res = float(torch.linalg.vector_norm(F64 @ M.T - Fa64).item()) / math.sqrt(n)
+    F64, Fa64 = embedding_pair(F, F_a)
+    # form_matrix rejects a J that is not finite (care.geometry.check_form).
+    J64 = form_matrix(J, F64.shape[1], dtype=torch.float64, device=F64.device)
+    M, res = _linear_fit(F64, Fa64)
     dev = float(torch.linalg.vector_norm(M.T @ J64 @ M - J64).item())
     norm_j = float(torch.linalg.vector_norm(J64).item())
     return GroupFitResult(
@@ -292,7 +288,6 @@ def group_fit(F: Tensor, F_a: Tensor, J: Form) -> GroupFitResult:
         deviation=dev,
         relative_deviation=dev / norm_j if norm_j > 0 else 0.0,
         matrix=M,
-        form_distortion=form_distortion(F64, Fa64, J64),
     )
 
 
@@ -300,7 +295,7 @@ def form_distortion(F: Tensor, F_a: Tensor, J: Form) -> float:
     """``||F J Fᵀ - F_a J F_aᵀ||_Fro / ||F J Fᵀ||_Fro`` (rows = samples): how much the augmentation
     changes the form between the samples, which L_equi trains to 0 (paper, Sec. 3.2). Needs no
     fitted map, and is 0 for any ``Λ`` with ``ΛᵀJΛ = J``."""
-    F64, Fa64 = _pair(F, F_a)
+    F64, Fa64 = embedding_pair(F, F_a)
     J64 = form_matrix(J, F64.shape[1], dtype=torch.float64, device=F64.device)
     gram = F64 @ J64 @ F64.T
     gram_norm = float(torch.linalg.vector_norm(gram).item())
@@ -344,12 +339,12 @@ def relative_equivariance(
     Returns:
         ``(gamma, n_pairs_used, n_degenerate)`` with ``n_pairs_used + n_degenerate = n (n - 1)``.
     """
-    F64, Fa64 = _pair(F, F_a)
+    F64, Fa64 = embedding_pair(F, F_a)
     if eps < 0 or not math.isfinite(eps):
         raise ValueError(f"eps must be a finite number >= 0, got {eps}")
     n = F64.shape[0]
     if block_rows is None:
-        block_rows = max(1, _BLOCK_ELEMENTS // max(n, 1))
+        block_rows = max(1, _BLOCK_ELEMENTS // n)  # n >= 1 (embedding_pair)
     elif block_rows < 1:
         raise ValueError(f"block_rows must be >= 1, got {block_rows}")
 
@@ -441,13 +436,13 @@ def equivariance_report(F: Tensor, F_a: Tensor) -> EquivarianceReport:
     ``F`` and ``F_a`` are ``(n, d)`` with rows = samples (the transpose of the paper's notation).
     The ``SO(d)`` and ``O(d)`` Wahba solutions share one SVD.
     """
-    F64, Fa64 = _pair(F, F_a)
+    F64, Fa64 = embedding_pair(F, F_a)
     n, d = F64.shape
     sqrt_n = math.sqrt(n)
     svd = _svd_cross(F64, Fa64)
     w_so = _wahba(F64, Fa64, "SO", svd).error_per_sqrt_n
     w_o = _wahba(F64, Fa64, "O", svd).error_per_sqrt_n
-    _, lin = linear_fit(F64, Fa64)
+    _, lin = _linear_fit(F64, Fa64)
     inv = float(torch.linalg.vector_norm(F64 - Fa64).item()) / sqrt_n
     scale = float(torch.sqrt((F64.square().sum() + Fa64.square().sum()) / (2 * n)).item())
     scale = max(scale, torch.finfo(torch.float64).tiny)
@@ -495,9 +490,9 @@ def composition_error(
         ``wahba_chain``: ``||F R_aᵀ R_bᵀ - F_ba||_F / √n``, how well the *chained* rotations do.
     """
     _check_group(group)
-    F64, Fa64 = _pair(F, F_a, ("F", "F_a"))
-    _, Fb64 = _pair(F, F_b, ("F", "F_b"))
-    _, Fba64 = _pair(F, F_ba, ("F", "F_ba"))
+    F64, Fa64 = embedding_pair(F, F_a, ("F", "F_a"))
+    _, Fb64 = embedding_pair(F, F_b, ("F", "F_b"))
+    _, Fba64 = embedding_pair(F, F_ba, ("F", "F_ba"))
     n, d = F64.shape
     R_a = _wahba(F64, Fa64, group).rotation
     R_b = _wahba(F64, Fb64, group).rotation
@@ -510,211 +505,3 @@ def composition_error(
         "wahba_composed": composed.error_per_sqrt_n,
         "wahba_chain": chain_res,
     }
-
-
-# --------------------------------------------------------------------------------------------
-# Augmentation-parameter probes
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ProbeResult:
-    """Held-out R² of augmentation-parameter probes, one entry per target (same order as names).
-
-    R² is ``1 - SSE/SST`` on the held-out rows; it can be negative (worse than predicting the
-    held-out mean). A target that is constant on the held-out rows has no variance to explain;
-    its R² is reported as ``0.0`` (never NaN).
-    """
-
-    names: list[str]
-    r2_linear: list[float]
-    r2_mlp: list[float]
-
-    def as_dict(self) -> dict[str, dict[str, float]]:
-        """``{name: {"r2_linear": …, "r2_mlp": …}}``."""
-        return {
-            nm: {"r2_linear": lin, "r2_mlp": mlp}
-            for nm, lin, mlp in zip(self.names, self.r2_linear, self.r2_mlp, strict=True)
-        }
-
-
-def _r2(y_true: Tensor, y_pred: Tensor) -> list[float]:
-    """Per-column R² = 1 - SSE/SST; columns with (numerically) zero SST give 0.0."""
-    centred = y_true - y_true.mean(dim=0, keepdim=True)
-    sst = (centred**2).sum(dim=0)
-    sse = ((y_true - y_pred) ** 2).sum(dim=0)
-    scale = (y_true**2).sum(dim=0)
-    out: list[float] = []
-    for s_tot, s_err, s_scale in zip(sst.tolist(), sse.tolist(), scale.tolist(), strict=True):
-        if s_tot <= 1e-24 * max(s_scale, 1.0):
-            out.append(0.0)
-        else:
-            r2 = 1.0 - s_err / s_tot
-            out.append(r2 if math.isfinite(r2) else 0.0)
-    return out
-
-
-def _standardise(train: Tensor, other: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Standardise both with the train mean/std (std 0 → 1). Returns (train, other, mean, std)."""
-    mean = train.mean(dim=0, keepdim=True)
-    std = train.std(dim=0, unbiased=False, keepdim=True)
-    std = torch.where(std > 1e-12, std, torch.ones_like(std))
-    return (train - mean) / std, (other - mean) / std, mean, std
-
-
-def _mlp_predict(
-    x_fit: Tensor,
-    y_fit: Tensor,
-    x_val: Tensor,
-    y_val: Tensor,
-    x_test: Tensor,
-    *,
-    hidden: int,
-    steps: int,
-    lr: float,
-    seed: int,
-) -> Tensor:
-    """Train ``y ≈ W2 relu(W1 x + b1) + b2`` (MSE, full-batch Adam); return test predictions.
-
-    All targets are trained jointly. Early stopping is per target: after every step the
-    validation MSE of each target is checked and that target's test prediction is taken from the
-    step (0 = initialisation) where its validation MSE was lowest, so a target with no signal is
-    not scored on a network that has memorised noise. With no validation rows, the final step is
-    used. Weights use PyTorch's default ``nn.Linear`` init drawn from a private generator seeded
-    with ``seed``, so the global RNG is untouched.
-    """
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-
-    def uniform(shape: tuple[int, ...], fan_in: int) -> Tensor:
-        bound = 1.0 / math.sqrt(fan_in)
-        w = (torch.rand(shape, generator=gen, dtype=torch.float64) * 2 - 1) * bound
-        return w.to(device=x_fit.device, dtype=x_fit.dtype).requires_grad_(True)
-
-    d_in, d_out = x_fit.shape[1], y_fit.shape[1]
-    W1 = uniform((hidden, d_in), d_in)
-    b1 = uniform((hidden,), d_in)
-    W2 = uniform((d_out, hidden), hidden)
-    b2 = uniform((d_out,), hidden)
-
-    def forward(x: Tensor) -> Tensor:
-        return torch.relu(x @ W1.T + b1) @ W2.T + b2
-
-    has_val = x_val.shape[0] > 0
-    with torch.no_grad():
-        best_test = forward(x_test)
-        best_val = ((forward(x_val) - y_val) ** 2).mean(dim=0) if has_val else None
-    opt = torch.optim.Adam([W1, b1, W2, b2], lr=lr)
-    for _ in range(steps):
-        opt.zero_grad(set_to_none=True)
-        loss = ((forward(x_fit) - y_fit) ** 2).mean()
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            test = forward(x_test)
-            if best_val is None:
-                best_test = test
-                continue
-            val = ((forward(x_val) - y_val) ** 2).mean(dim=0)
-            better = val < best_val
-            best_val = torch.where(better, val, best_val)
-            best_test = torch.where(better[None, :], test, best_test)
-    return best_test.detach()
-
-
-def parameter_probe(
-    Z: Tensor,
-    Z_a: Tensor,
-    targets: Tensor,
-    names: list[str],
-    *,
-    train_fraction: float = 0.8,
-    seed: int = 0,
-    mlp_hidden: int = 128,
-    mlp_steps: int = 500,
-    mlp_lr: float = 1e-2,
-    mlp_val_fraction: float = 0.2,
-    ridge: float = 1e-3,
-) -> ProbeResult:
-    """Probe how much of the augmentation's parameters the embedding pair encodes (SIE/AugSelf).
-
-    The input for row ``i`` is ``concat(Z_i, Z_a_i)`` (``2d`` features); ``targets[:, k]`` is the
-    ``k``-th recorded parameter of the augmentation applied to row ``i`` (e.g. crop scale, jitter
-    strength). An equivariant representation should let a probe recover the parameters; an
-    invariant one cannot (``Z_a = Z`` carries no information about ``a``).
-
-    Rows are split into train / held-out by a permutation seeded with ``seed``. Inputs and targets
-    are standardised with the train mean and std (a constant train column keeps std 1).
-
-    - Linear probe: closed-form ridge per target (intercept absorbed by centring),
-      ``W = (XᵀX / n_train + ridge · I)⁻¹ XᵀY / n_train`` on standardised data.
-    - MLP probe: one hidden ReLU layer of ``mlp_hidden`` units, all targets jointly, full-batch Adam
-      (``mlp_lr``) for ``mlp_steps`` steps on MSE, initialised from ``seed`` (the global RNG is not
-      touched). The last ``mlp_val_fraction`` of the (shuffled) train rows is held back for
-      per-target early stopping: each target is predicted by the step with its lowest validation
-      MSE, which keeps an uninformative target near R² = 0 instead of rewarding memorised noise.
-      Runs in float32 on the inputs' device.
-
-    Returns:
-        Held-out R² per target (see :class:`ProbeResult`; never NaN).
-
-    Raises:
-        ValueError: shape mismatch, ``len(names) != k``, a split leaving fewer than 2 train rows
-            or no held-out row, or non-finite inputs.
-    """
-    Z64, Za64 = _pair(Z, Z_a, ("Z", "Z_a"))
-    n = Z64.shape[0]
-    if not isinstance(targets, Tensor) or targets.ndim not in (1, 2):
-        raise ValueError("targets must be a (n,) or (n, k) tensor, one column per parameter")
-    T64 = _as_f64(targets if targets.ndim == 2 else targets[:, None], "targets", Z64.device)
-    if T64.shape[0] != n:
-        raise ValueError(f"targets has {T64.shape[0]} rows but Z has {n}; they must match")
-    k = T64.shape[1]
-    if len(names) != k:
-        raise ValueError(f"names has {len(names)} entries but targets has {k} columns")
-    if not 0.0 < train_fraction < 1.0:
-        raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction}")
-    n_train = round(train_fraction * n)
-    if n_train < 2 or n - n_train < 1:
-        raise ValueError(
-            f"train_fraction={train_fraction} with n={n} leaves {n_train} train and "
-            f"{n - n_train} held-out rows; need >= 2 and >= 1"
-        )
-    if mlp_hidden < 1 or mlp_steps < 0:
-        raise ValueError("mlp_hidden must be >= 1 and mlp_steps >= 0")
-    if not 0.0 <= mlp_val_fraction < 1.0:
-        raise ValueError(f"mlp_val_fraction must be in [0, 1), got {mlp_val_fraction}")
-
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    perm = torch.randperm(n, generator=gen).to(Z64.device)
-    tr, te = perm[:n_train], perm[n_train:]
-    X = torch.cat([Z64, Za64], dim=1)
-    x_tr, x_te, _, _ = _standardise(X[tr], X[te])
-    y_tr, y_te, _, _ = _standardise(T64[tr], T64[te])
-
-    # Linear: closed-form ridge (standardised, centred data → no intercept needed).
-    p = x_tr.shape[1]
-    gram = x_tr.T @ x_tr / n_train + ridge * torch.eye(p, dtype=x_tr.dtype, device=x_tr.device)
-    W = torch.linalg.solve(gram, x_tr.T @ y_tr / n_train)
-    r2_linear = _r2(y_te, x_te @ W)
-
-    # MLP: one hidden ReLU layer, all targets jointly, per-target early stopping on the last
-    # `mlp_val_fraction` of the train rows. Must build a graph even if the caller is inside
-    # no_grad / inference_mode, and must not use inference tensors.
-    n_val = int(mlp_val_fraction * n_train)  # < n_train since mlp_val_fraction < 1
-    n_fit = n_train - n_val
-    with torch.inference_mode(False), torch.enable_grad():
-        xs = x_tr.to(torch.float32).clone()
-        ys = y_tr.to(torch.float32).clone()
-        pred = _mlp_predict(
-            xs[:n_fit],
-            ys[:n_fit],
-            xs[n_fit:],
-            ys[n_fit:],
-            x_te.to(torch.float32).clone(),
-            hidden=mlp_hidden,
-            steps=mlp_steps,
-            lr=mlp_lr,
-            seed=seed,
-        )
-    r2_mlp = _r2(y_te, pred.to(torch.float64))
-    return ProbeResult(names=list(names), r2_linear=r2_linear, r2_mlp=r2_mlp)

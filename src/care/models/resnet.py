@@ -61,6 +61,9 @@ def _shortcut(in_planes: int, out_planes: int, stride: int) -> nn.Module:
     )
 
 
+STEMS = ("cifar", "imagenet")
+"""The input stems: 3×3 stride 1 without max-pool, or 7×7 stride 2 with max-pool."""
+
 ARCHITECTURES: dict[str, tuple[type[BasicBlock] | type[Bottleneck], tuple[int, int, int, int]]] = {
     "resnet18": (BasicBlock, (2, 2, 2, 2)),
     "resnet34": (BasicBlock, (3, 4, 6, 3)),
@@ -98,7 +101,7 @@ class ResNet(nn.Module):
                 nn.MaxPool2d(3, 2, 1),
             )
         else:
-            raise CareError(f"unknown stem '{stem}': choose 'cifar' or 'imagenet'")
+            raise CareError(f"unknown stem '{stem}': choose one of {list(STEMS)}")
         layers: list[nn.Module] = []
         in_planes = w0
         for i, (width, depth) in enumerate(zip(widths, depths, strict=True)):

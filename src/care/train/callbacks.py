@@ -1,0 +1,151 @@
+"""The Lightning callbacks of a pretraining: the online kNN monitor, metrics.csv, step time."""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from care.metrics import weighted_knn_accuracy
+from care.runs import atomic_write_text
+
+
+class KNNMonitor(Callback):
+    """Online weighted-kNN accuracy of backbone features, once per validation epoch.
+
+    Validation loader 0 is the labelled bank (training images), loader 1 the test split.
+    """
+
+    def __init__(self, num_classes: int, k: int, temperature: float) -> None:
+        self.num_classes, self.k, self.temperature = num_classes, k, temperature
+        self.outputs: dict[int, list[dict[str, torch.Tensor]]] = {0: [], 1: []}
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.outputs = {0: [], 1: []}
+
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self.outputs[dataloader_idx].append(outputs)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.outputs[0] or not self.outputs[1]:
+            return
+        bank, test = (
+            {k: torch.cat([o[k] for o in self.outputs[i]]) for k in ("features", "labels")}
+            for i in (0, 1)
+        )
+        accuracy = weighted_knn_accuracy(
+            bank["features"],
+            bank["labels"],
+            test["features"],
+            test["labels"],
+            self.num_classes,
+            self.k,
+            self.temperature,
+        )
+        # Every rank sees the whole validation set, so the value is the same on all of them.
+        pl_module.log("val/knn_acc", accuracy, prog_bar=True, sync_dist=True)
+        self.outputs = {0: [], 1: []}
+
+
+class MetricsCSV(Callback):
+    """``metrics.csv``: one row per logged step and per validation, rewritten atomically.
+
+    On resume, rows past the restored step (from the killed attempt) are dropped.
+    """
+
+    def __init__(self, path: Path, every: int) -> None:
+        self.path, self.every = path, every
+        self.rows: list[dict[str, Any]] = []
+        self.writer = True  # rank 0 alone writes (set at fit start)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.rows = []
+        if self.path.is_file():
+            with self.path.open(newline="") as handle:
+                self.rows = [
+                    r
+                    for r in csv.DictReader(handle)
+                    if int(r.get("step") or 0) <= trainer.global_step
+                ]
+
+    def _record(self, trainer: L.Trainer, prefix: str) -> None:
+        row: dict[str, Any] = {"epoch": trainer.current_epoch, "step": trainer.global_step}
+        for key, value in trainer.callback_metrics.items():
+            if key.startswith(prefix):
+                row[key] = float(value)
+        self.rows.append(row)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any
+    ) -> None:
+        if trainer.global_step % self.every == 0:
+            self._record(trainer, "train/")
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._record(trainer, "val/")
+            self.flush()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.flush()
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.writer = trainer.is_global_zero
+
+    def flush(self) -> None:
+        if not self.rows or not self.writer:
+            return
+        columns = list(dict.fromkeys(k for row in self.rows for k in row))
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(self.rows)
+        atomic_write_text(self.path, buffer.getvalue())
+
+
+class Throughput(Callback):
+    """Wall time of each training step (forward, backward, optimiser), after a short warm-up."""
+
+    def __init__(self, images_per_step: int, warmup: int = 3) -> None:
+        self.images_per_step, self.warmup = images_per_step, warmup
+        self.times: list[float] = []
+        self._start = 0.0
+        self._seen = 0
+
+    def _sync(self, pl_module: L.LightningModule) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any
+    ) -> None:
+        self._sync(pl_module)
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any
+    ) -> None:
+        self._sync(pl_module)
+        self._seen += 1
+        if self._seen > self.warmup:
+            self.times.append(time.perf_counter() - self._start)
+
+    def summary(self) -> dict[str, float]:
+        if not self.times:
+            return {}
+        step = sorted(self.times)[len(self.times) // 2]
+        return {"step_time_s": step, "images_per_s": self.images_per_step / step}
