@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from care.config import Config, config_from_dict, to_yaml, training_differences
 from care.errors import CareError
-from care.models import Encoder, build_encoder
+from care.models import build_encoder
 
 
 def _umask() -> int:
@@ -193,8 +193,8 @@ def open_run(cfg: Config) -> tuple[RunDir, Path | None]:
 
 def load_trained_encoder(run: RunDir, cfg: Config, channels: int, layer: str) -> nn.Module:
     """A finished run's encoder with its trained weights, in eval mode: the backbone alone
-    (``layer="backbone"``) or the whole :class:`~care.models.Encoder` (``"projection"``)."""
-    encoder: Encoder = build_encoder(cfg, channels)
+    (``layer="backbone"``) or the whole :class:`care.models.Encoder` (``"projection"``)."""
+    encoder = build_encoder(cfg, channels)
     load_weights(encoder.backbone, run.backbone)
     if layer == "backbone":
         return encoder.backbone.eval()

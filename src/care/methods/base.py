@@ -16,7 +16,7 @@ from typing import Any, ClassVar, NamedTuple
 
 import lightning as L
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from care.augment import AugParams, build_augmenter
 from care.augment.eval import eval_transform
@@ -72,6 +72,12 @@ class Views:
         if self.grouped is None:
             raise ValueError("these views have no group-shared pair: L_equi needs one")
         return self.grouped
+
+
+def embed_both(encoder: nn.Module, pair: ViewPair) -> tuple[Tensor, Tensor]:
+    """``encoder`` on both views in one forward pass (BatchNorm statistics over the pair)."""
+    z1, z2 = encoder(torch.cat(pair)).split(pair.first.shape[0])
+    return z1, z2
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -183,9 +189,8 @@ class ContrastiveMethod(L.LightningModule):
         return ViewPair(self.augmenter.apply(images, first), self.augmenter.apply(images, second))
 
     def embed_pair(self, pair: ViewPair) -> tuple[Tensor, Tensor]:
-        """f of both views in one forward pass (BatchNorm statistics over the pair)."""
-        z1, z2 = self.encoder(torch.cat(pair)).split(pair.first.shape[0])
-        return z1, z2
+        """f of both views, with gradient (:func:`embed_both`)."""
+        return embed_both(self.encoder, pair)
 
     def info_nce(self, z1: Tensor, z2: Tensor) -> InfoNCETerms:
         """InfoNCE of two views (paper, Eq. 1). Under DDP each local anchor is compared with both

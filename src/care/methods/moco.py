@@ -19,7 +19,7 @@ from care.data import DataInfo
 from care.distributed import gather_no_grad
 from care.errors import CareError
 from care.losses import InfoNCETerms, moco_terms
-from care.methods.base import ContrastiveMethod, ViewPair, Views
+from care.methods.base import ContrastiveMethod, ViewPair, Views, embed_both
 from care.models import to_sphere
 
 
@@ -97,8 +97,7 @@ class MoCo(ContrastiveMethod):
         θ_k ← m·θ_k + (1 − m)·θ_q. As in the official code, the keys come from the EMA of the
         query encoder as it stands after the previous optimiser step."""
         momentum_update(self.key_encoder, self.encoder, self.cfg.moco_momentum)
-        k1, k2 = self.key_encoder(torch.cat(pair)).split(pair.first.shape[0])
-        return k1, k2
+        return embed_both(self.key_encoder, pair)
 
     def symmetric_moco(self, q1: Tensor, q2: Tensor, k1: Tensor, k2: Tensor) -> InfoNCETerms:
         """Each view's queries against the other view's keys and the queue, averaged."""
