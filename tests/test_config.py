@@ -18,6 +18,7 @@ from care.config import (
 )
 from care.data import DATASETS
 from care.errors import CareError
+from care.evaluate.probe import PROBE_OPTIMIZERS
 from care.geometry import FORMS
 from care.methods import METHODS, OPTIMIZERS, SCHEDULERS
 from care.models import ARCHITECTURES, EMBEDDINGS, STEMS
@@ -97,7 +98,7 @@ def test_choices_match_the_registries() -> None:
         "equi_form": ("auto", *FORMS),
         "optimizer": OPTIMIZERS,
         "scheduler": SCHEDULERS,
-        "probe_optimizer": OPTIMIZERS,
+        "probe_optimizer": PROBE_OPTIMIZERS,
     }
     for key, registry in registries.items():
         assert set(CHOICES[key]) == set(registry), key
@@ -113,6 +114,9 @@ def test_settings_that_do_not_change_what_is_learned_are_marked_once() -> None:
         "knn_every",
         "knn_bank_samples",
         "log_every",
+        "memory_format",
+        "cudnn_benchmark",
+        "activation_checkpointing",
     }
     assert {"data_root", "accelerator", "knn_k", "probe_epochs", "probe_lr"} <= set(EVALUATION_KEYS)
     assert {"method", "lr", "epochs", "seed", "weight", "precision", "devices"} <= set(

@@ -18,6 +18,7 @@ LAYERS: dict[str, int] = {
     "config": 2,
     "distributed": 2,
     "data": 3,
+    "hardware": 3,
     "augment": 4,
     "models": 5,
     "losses": 6,

@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from care.cli import main
 from care.config import load_config
 from care.data.folder import LISTS_DIR, read_class_list
+from care.hardware import resolve
 from care.train import pretrain
 from tests.data.test_cifar import write_cifar10
 from tests.data.test_stl10 import write_stl10
@@ -37,7 +38,8 @@ def test_preset_prints_its_config(name: str, capsys: pytest.CaptureFixture[str])
     path = PAPER / f"{name}.yaml"
     assert main(["pretrain", "--config", str(path), "--print-config"]) == 0
     printed = OmegaConf.to_container(OmegaConf.create(capsys.readouterr().out))
-    assert printed == load_config(path).to_dict()
+    assert printed == resolve(load_config(path)).to_dict()  # auto settings resolved here
+    assert "auto" not in (printed["precision"], printed["memory_format"])
     text = path.read_text()
     assert text.startswith("# "), "a preset starts with a comment block naming its sources"
     assert "github.com/Sharut/CARE" in text.split("\n\n")[0]

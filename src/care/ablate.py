@@ -35,6 +35,7 @@ from care.config import (
 from care.distributed import is_global_zero
 from care.errors import CareError
 from care.evaluate.probe import probe_run
+from care.hardware import resolve
 from care.methods import method_class
 from care.plots import ablation_bars
 from care.runs import RunDir, atomic_write_json, atomic_write_text
@@ -81,7 +82,7 @@ def base_config(config_path: str | Path | None, overrides: list[str]) -> Config:
         )
     # simclr needs no groups, so a base that only infonce will use is not refused for them;
     # every variant's own config is validated before anything trains.
-    cfg = load_config(config_path, [*overrides, "method=simclr"])
+    cfg = resolve(load_config(config_path, [*overrides, "method=simclr"]))  # as runs save it
     if "out" not in keys and cfg.out == Config.out:
         cfg.out = DEFAULT_OUT
     cfg.resume = False

@@ -35,13 +35,14 @@ def _quiet_lightning() -> None:
 def _pretrain(args: argparse.Namespace) -> int:
     from care.config import load_config, to_yaml
     from care.distributed import is_global_zero
+    from care.hardware import resolve
     from care.methods import method_class
     from care.train import pretrain
 
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
         method_class(cfg)  # the config must be one the method can train
-        print(to_yaml(cfg), end="")
+        print(to_yaml(resolve(cfg)), end="")  # auto settings as this machine resolves them
         return 0
 
     run = pretrain(cfg)
@@ -78,11 +79,12 @@ def _equivariance(args: argparse.Namespace) -> int:
             if not value.isdigit():
                 raise CareError(f"bad value for '{key}': {value!r}; give a whole number")
             options[key] = int(value)
-        elif key in ("split", "layer"):
+        elif key in ("split", "layer", "precision"):
             options[key] = value
         else:
             raise CareError(
-                f"unknown setting '{key}': use trials, samples, split, layer, compositions or seed"
+                f"unknown setting '{key}': use trials, samples, split, layer, compositions, seed "
+                "or precision"
             )
     payload = equivariance_command(args.run, args.against, **options)  # type: ignore[arg-type]
     _print_equivariance(payload)
@@ -168,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
         "settings",
         nargs="*",
         metavar="key=value",
-        help="trials=20 samples=2000 split=test layer=projection|backbone",
+        help="trials=20 samples=2000 split=test layer=projection|backbone "
+        "precision=32|bf16-mixed (default: the run's, where this machine runs it natively)",
     )
     equi.set_defaults(handler=_equivariance)
 

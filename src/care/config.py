@@ -27,13 +27,14 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "pairs": ("per_group", "per_batch"),
     "backbone": ("resnet18", "resnet34", "resnet50"),
     "stem": ("cifar", "imagenet"),
-    "optimizer": ("adam", "sgd"),
+    "optimizer": ("adam", "sgd", "lars"),
     "probe_optimizer": ("adam", "sgd"),
     "embedding": ("sphere", "hyperboloid"),
     "equi_form": ("auto", *FORMS),
     "strategy": ("auto", "ddp", "ddp_spawn"),
     "scheduler": ("cosine", "constant"),
-    "precision": ("32", "bf16-mixed", "16-mixed"),
+    "precision": ("auto", "32", "bf16-mixed", "16-mixed"),
+    "memory_format": ("auto", "channels_last", "contiguous"),
     "accelerator": ("auto", "cpu", "gpu", "cuda", "mps"),
 }
 
@@ -90,10 +91,19 @@ class Config:
     optimizer: str = "adam"
     lr: float = 1e-3
     weight_decay: float = 1e-6
-    momentum: float = 0.9  # SGD only
+    momentum: float = 0.9  # SGD and LARS
+    # no weight decay (nor LARS trust ratio) on BN and biases; None: true for lars, else false
+    exclude_bias_and_norm: bool | None = None
+    lars_trust_coefficient: float = 0.001  # LARS's eta (You et al., 2017; SimCLR uses 0.001)
     scheduler: str = "cosine"
     warmup_epochs: float = 0.0
-    precision: str = "32"
+    precision: str = "auto"  # auto: bf16-mixed where the hardware has native bf16, else 32
+    # auto: channels_last where it measures faster (docs/benchmarks.md), else contiguous
+    memory_format: str = field(default="auto", metadata=UNTRAINED)
+    cudnn_benchmark: bool = field(default=True, metadata=UNTRAINED)  # CUDA: autotune conv kernels
+    allow_tf32: bool = True  # CUDA: TF32 tensor cores for float32 matmuls and convolutions
+    # recompute each backbone stage in the backward pass instead of keeping its activations
+    activation_checkpointing: bool = field(default=False, metadata=UNTRAINED)
     accelerator: str = field(default="auto", metadata=EVALUATION)
     devices: int = 1  # per node; batch_size is per device
     num_nodes: int = 1
@@ -252,7 +262,14 @@ def validate(cfg: Config) -> None:
     for key in positive:
         value = getattr(cfg, key)
         _require(value >= 1, f"bad value for '{key}': {value}; it must be at least 1")
-    for key in ("lr", "temperature", "knn_temperature", "probe_lr", "curvature"):
+    for key in (
+        "lr",
+        "temperature",
+        "knn_temperature",
+        "probe_lr",
+        "curvature",
+        "lars_trust_coefficient",
+    ):
         value = getattr(cfg, key)
         _require(value > 0, f"bad value for '{key}': {value}; it must be positive")
     for key in (
