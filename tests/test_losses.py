@@ -18,7 +18,7 @@ from care.geometry import (
     random_symplectic,
     squared_lorentz_distance,
 )
-from care.losses import equivariance_loss, info_nce, info_nce_terms
+from care.losses import equivariance_loss, info_nce, info_nce_terms, moco_terms
 from care.models.heads import to_hyperboloid
 
 
@@ -345,3 +345,25 @@ def test_bad_similarity_is_rejected() -> None:
         info_nce_terms(z, z, 0.5, similarity="cosine")
     with pytest.raises(ValueError, match="curvature"):
         info_nce_terms(z, z, 0.5, similarity="lorentz", curvature=0.0)
+
+
+def test_losses_compute_in_float32_under_autocast() -> None:
+    """Under bf16 autocast (a bf16-mixed step), every loss gives exactly its float32 value:
+    autocast is off inside them, and bf16 embeddings are computed in float32."""
+    z1, z2, queue = (_sphere(n, 16, seed).float() for n, seed in ((8, 1), (8, 2), (24, 3)))
+    cases = {
+        "info_nce": lambda a, b: info_nce(a, b, 0.1),
+        "lorentz": lambda a, b: info_nce_terms(a, b, 0.1, similarity="lorentz").total,
+        "equi": lambda a, b: equivariance_loss(a, b, 4),
+        "moco": lambda a, b: moco_terms(a, b, queue, 0.2).total,
+    }
+    for name, loss in cases.items():
+        expected = loss(z1, z2)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            under_autocast = loss(z1, z2)
+            assert (z1 @ z2.T).dtype == torch.bfloat16  # autocast is on around the loss
+        assert under_autocast.dtype == torch.float32, name
+        assert torch.equal(under_autocast, expected), name
+        half = loss(z1.bfloat16(), z2.bfloat16())  # bf16 embeddings: upcast, then float32 math
+        assert half.dtype == torch.float32
+        assert torch.equal(half, loss(z1.bfloat16().float(), z2.bfloat16().float())), name

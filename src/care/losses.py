@@ -8,13 +8,20 @@ L_equi takes any bilinear form (paper, Sec. 3.2).
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ParamSpec, TypeVar
 
 import torch
 from torch import Tensor
 
 from care.errors import CareError
 from care.geometry import Form, apply_form, check_form, lorentz_similarity
+from care.hardware import autocast_off
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 SIMILARITIES = ("dot", "lorentz")
 """InfoNCE similarities: ``dot`` (cosine on the sphere), ``lorentz`` (``-d_L²/2`` on the
@@ -40,6 +47,19 @@ def _full_precision(x: Tensor) -> Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+def _outside_autocast(loss: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Run ``loss`` with autocast off on its first tensor's device, so that under mixed
+    precision its matmuls, exps and logs compute in float32 (with :func:`_full_precision`)."""
+
+    @functools.wraps(loss)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        first = next(a for a in args if isinstance(a, Tensor))
+        with autocast_off(first.device):
+            return loss(*args, **kwargs)
+
+    return wrapper
+
+
 def _check_pair(z1: Tensor, z2: Tensor) -> None:
     if z1.ndim != 2 or z1.shape != z2.shape:
         raise ValueError(
@@ -47,6 +67,7 @@ def _check_pair(z1: Tensor, z2: Tensor) -> None:
         )
 
 
+@_outside_autocast
 def info_nce_terms(
     z1: Tensor,
     z2: Tensor,
@@ -95,9 +116,7 @@ def info_nce_terms(
     self_cols = torch.cat([local, local + m])
     positive_cols = torch.cat([local + m, local])
     positives = logits[rows, positive_cols]
-    logits = logits.index_put(
-        (rows, self_cols), torch.tensor(float("-inf"), device=z1.device, dtype=logits.dtype)
-    )
+    logits = logits.index_put((rows, self_cols), logits.new_full((), float("-inf")))
     inv = -positives.mean()
     unif = torch.logsumexp(logits, dim=1).mean()
     return InfoNCETerms(inv=inv, unif=unif)
@@ -118,6 +137,7 @@ def info_nce(
     return info_nce_terms(z1, z2, temperature, similarity=similarity, curvature=curvature).total
 
 
+@_outside_autocast
 def equivariance_loss(
     z1: Tensor, z2: Tensor, group_size: int, *, form: Form = "euclidean"
 ) -> Tensor:
@@ -156,6 +176,7 @@ def equivariance_loss(
     return (2.0 / group_size) * squared.mean()
 
 
+@_outside_autocast
 def moco_terms(query: Tensor, key: Tensor, queue: Tensor, temperature: float) -> InfoNCETerms:
     """MoCo's InfoNCE (He et al., 2020), split like :func:`info_nce_terms` into ``inv + unif``.
 

@@ -127,6 +127,20 @@ class AugParams:
     grayscale: Tensor
     blur_sigma: Tensor
 
+    #: ``(field, columns, dtype)`` in the order of :meth:`pack`'s columns.
+    PACKED: ClassVar[tuple[tuple[str, int, torch.dtype], ...]] = (
+        ("crop", 4, torch.float32),
+        ("flip", 1, torch.bool),
+        ("jitter", 1, torch.bool),
+        ("brightness", 1, torch.float32),
+        ("contrast", 1, torch.float32),
+        ("saturation", 1, torch.float32),
+        ("hue", 1, torch.float32),
+        ("jitter_order", 4, torch.int64),
+        ("grayscale", 1, torch.bool),
+        ("blur_sigma", 1, torch.float32),
+    )
+
     FEATURE_NAMES: ClassVar[tuple[str, ...]] = (
         "crop_scale",
         "crop_aspect",
@@ -156,9 +170,56 @@ class AugParams:
         """The fields as a ``{name: tensor}`` dict (e.g. for saving with safetensors)."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
+    def pack(self) -> Tensor:
+        """All fields as one ``(B, 16)`` tensor (columns as in ``PACKED``), on this device.
+
+        float32, which holds the bools and the small ints exactly; float64 if any field is
+        float64. :meth:`unpack` inverts it.
+        """
+        values = self.as_dict()
+        wide = any(values[name].dtype == torch.float64 for name, _, _ in self.PACKED)
+        dtype = torch.float64 if wide else torch.float32
+        columns = [values[name].to(dtype).reshape(len(self), -1) for name, _, _ in self.PACKED]
+        return torch.cat(columns, dim=1)
+
+    @classmethod
+    def unpack(cls, packed: Tensor) -> AugParams:
+        """The record of a :meth:`pack` ed tensor, on its device: bools, int64 and floats (of the
+        packed dtype) again, with no host sync."""
+        width = sum(cols for _, cols, _ in cls.PACKED)
+        if packed.dim() != 2 or packed.shape[1] != width:
+            raise CareError(
+                f"AugParams.unpack: expected shape (B, {width}), got {tuple(packed.shape)}"
+            )
+        values: dict[str, Tensor] = {}
+        start = 0
+        for name, cols, kind in cls.PACKED:
+            block = packed[:, start : start + cols] if cols > 1 else packed[:, start]
+            start += cols
+            if kind == torch.bool:
+                values[name] = block != 0
+            elif kind == torch.int64:
+                values[name] = block.to(torch.int64)
+            else:
+                values[name] = block.contiguous()
+        return cls(**values)
+
     def to(self, device: torch.device | str) -> AugParams:
-        """The same record with every tensor on ``device``."""
-        return AugParams(**{k: v.to(device) for k, v in self.as_dict().items()})
+        """The record on ``device``: itself if it is there, else one packed copy.
+
+        A CPU record bound for CUDA is packed into pinned memory and copied with
+        ``non_blocking=True``, so the host does not wait for the device.
+        """
+        target = torch.device(device)
+        if target.type == "cuda" and target.index is None:
+            target = torch.device("cuda", torch.cuda.current_device())
+        if all(v.device == target for v in self.as_dict().values()):
+            return self
+        packed = self.pack()
+        pinned = packed.device.type == "cpu" and target.type == "cuda" and torch.cuda.is_available()
+        if pinned:
+            packed = packed.pin_memory()
+        return AugParams.unpack(packed.to(target, non_blocking=pinned))
 
     @property
     def device(self) -> torch.device:

@@ -18,6 +18,7 @@ from care.augment.params import AugmentRecipe, AugParams, check_groups, sample_p
 from care.config import Config
 from care.data import DataInfo
 from care.errors import CareError
+from care.hardware import autocast_off
 
 __all__ = ["PAIRS_MODES", "Augmenter", "build_augmenter", "default_blur_kernel"]
 
@@ -63,6 +64,7 @@ class Augmenter:
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self.blur_kernel = kernel
+        self._inv_std = tuple(1.0 / s for s in self.std)
 
     def __repr__(self) -> str:
         return (
@@ -98,6 +100,10 @@ class Augmenter:
             )
         if len(params) != bsz:
             raise CareError(f"augment: {len(params)} parameter rows for {bsz} images")
+        with autocast_off(images.device):
+            return self._apply(images, params)
+
+    def _apply(self, images: Tensor, params: AugParams) -> Tensor:
         if images.dtype == torch.uint8:
             x = images.to(torch.float32).div_(255.0)
         elif images.is_floating_point():
@@ -106,36 +112,36 @@ class Augmenter:
             raise CareError(f"augment: images must be uint8 or float, got {images.dtype}")
         device = x.device
         p = params.to(device)
+        recipe, ch = self.recipe, x.shape[1]
 
         x = ops.resized_crop(x, p.crop, self.output_size, flip=p.flip)
 
-        jit = p.jitter
-        one = torch.ones_like(p.brightness)
-        x = ops.color_jitter(
-            x,
-            torch.where(jit, p.brightness, one),
-            torch.where(jit, p.contrast, one),
-            torch.where(jit, p.saturation, one),
-            torch.where(jit, p.hue, torch.zeros_like(p.hue)),
-            p.jitter_order,
-        )
+        # Ops the recipe never samples are skipped (a static decision, no look at the values).
+        rgb = ch == 3
+        blend = recipe.brightness > 0 or recipe.contrast > 0 or (rgb and recipe.saturation > 0)
+        hue = rgb and recipe.hue > 0
+        if recipe.jitter_p > 0 and (blend or hue):
+            jit = p.jitter
+            one = torch.ones_like(p.brightness)
+            x = ops.color_jitter(
+                x,
+                torch.where(jit, p.brightness, one),
+                torch.where(jit, p.contrast, one),
+                torch.where(jit, p.saturation, one),
+                torch.where(jit, p.hue, 0.0),
+                p.jitter_order,
+                use_blend=blend,
+                use_mean=recipe.contrast > 0,
+                use_hue=hue,
+            )
 
-        # Row selections come from the caller's record (normally on the CPU: no device sync).
-        if ch == 3:
-            gray_rows = params.grayscale.nonzero().squeeze(1).to(device)
-            if gray_rows.numel() > 0:
-                gray = ops.grayscale(x.index_select(0, gray_rows)).expand(-1, 3, -1, -1)
-                x.index_copy_(0, gray_rows, gray)
+        if recipe.blur_p > 0:
+            x = ops.gaussian_blur(x, p.blur_sigma, self.blur_kernel)
 
-        blur_rows = params.blur_sigma.gt(0).nonzero().squeeze(1).to(device)
-        if blur_rows.numel() > 0:
-            sigma = p.blur_sigma.index_select(0, blur_rows)
-            blurred = ops.gaussian_blur(x.index_select(0, blur_rows), sigma, self.blur_kernel)
-            x.index_copy_(0, blur_rows, blurred)
-
-        mean = torch.tensor(self.mean, device=device, dtype=x.dtype).view(1, -1, 1, 1)
-        inv_std = torch.tensor([1.0 / s for s in self.std], device=device, dtype=x.dtype)
-        return x.sub_(mean).mul_(inv_std.view(1, -1, 1, 1))
+        # Grayscale goes with the normalisation, after the blur: the blur treats every channel
+        # alike, so it commutes with taking the luma.
+        gray = p.grayscale if rgb and recipe.grayscale_p > 0 else None
+        return ops.normalize(x, self.mean, self._inv_std, gray)
 
     def __call__(
         self,
