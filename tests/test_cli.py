@@ -64,7 +64,7 @@ def test_nan_loss_stops_with_one_line(
     fails_with_one_line(
         capsys,
         ["pretrain", *tiny(fake_fmnist, out), "temperature=1e-40"],
-        "loss became nan at step 0",
+        "loss became nan at step 0 (epoch 0)",
     )
     assert not [f for f in _files(out) if f.endswith(".tmp") or f.startswith("checkpoints")]
     assert not (out / "backbone.safetensors").exists()

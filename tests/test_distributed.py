@@ -194,3 +194,38 @@ def test_killed_two_process_run_resumes(fake_fmnist: Path, tmp_path: Path) -> No
     resumed = _run([*command, "resume=true"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert json.loads((out / "summary.json").read_text())["steps"] == 6 * 4
+
+
+@pytest.mark.parametrize(
+    ("method_name", "extra"),
+    [("care", ("views=separate",)), ("care_moco", ("views=separate",)), ("simclr", ())],
+)
+def test_ddp_syncs_the_gradients_of_a_backward_per_pair_once(
+    method_name: str, extra: tuple[str, ...], tmp_path: Path
+) -> None:
+    """A real Lightning DDP step (tests/train/ddp_step.py): with a backward per pair of views
+    and the sync on the last one only, each rank holds the mean over ranks of its own
+    single-backward gradients, as one backward under DDP would give."""
+    out = tmp_path / "grads"
+    command = [sys.executable, "-m", "tests.train.ddp_step", str(out), method_name, *extra]
+    done = _run(command)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for rank in ranks:  # one all-reduce of each gradient bucket, not one per backward
+        synced = rank["synced_buckets"].tolist()
+        assert synced and len(synced) == len(set(synced)), synced
+    names = [k.removeprefix("ddp/") for k in ranks[0] if k.startswith("ddp/")]
+    assert len(names) > 10 and set(names) == {
+        k.removeprefix("mean/") for k in ranks[0] if k.startswith("mean/")
+    }
+    for name in names:
+        for rank in ranks:
+            torch.testing.assert_close(
+                rank[f"ddp/{name}"], rank[f"mean/{name}"], rtol=1e-4, atol=1e-6, msg=name
+            )
+        assert torch.equal(ranks[0][f"ddp/{name}"], ranks[1][f"ddp/{name}"]), name
+    # The ranks' own gradients differ, so a missing or doubled sync would fail the test.
+    differ = [
+        n for n in names if not torch.allclose(ranks[0][f"local/{n}"], ranks[1][f"local/{n}"])
+    ]
+    assert len(differ) > len(names) // 2

@@ -89,3 +89,43 @@ def test_embed_projection_dispatches_on_the_embedding() -> None:
     assert torch.equal(embed_projection(z, "hyperboloid", 2.0), to_hyperboloid(z, 2.0))
     with pytest.raises(ValueError, match="embedding"):
         embed_projection(z, "torus")
+
+
+@pytest.mark.parametrize(("arch", "stem"), [("resnet18", "cifar"), ("resnet50", "imagenet")])
+def test_activation_checkpointing_changes_no_number_and_keeps_less(arch: str, stem: str) -> None:
+    """Outputs, gradients, BatchNorm running statistics and batch counts equal those of the
+    plain forward (float64), while autograd keeps fewer bytes for the backward pass."""
+    torch.manual_seed(0)
+    plain = ResNet(arch, in_channels=3, stem=stem, widths=(4, 8, 8, 16)).double()
+    checkpointed = ResNet(
+        arch, in_channels=3, stem=stem, widths=(4, 8, 8, 16), activation_checkpointing=True
+    ).double()
+    checkpointed.load_state_dict(plain.state_dict())
+    x = torch.randn(6, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    saved: dict[str, int] = {}
+    outputs = {}
+    for name, model in (("plain", plain), ("checkpointed", checkpointed)):
+        sizes: list[int] = []
+
+        def pack(t: torch.Tensor, sizes: list[int] = sizes) -> torch.Tensor:
+            sizes.append(t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(x)
+        saved[name] = sum(sizes)
+        (out.square().sum() + out.sum()).backward()
+        outputs[name] = out.detach()
+    torch.testing.assert_close(outputs["checkpointed"], outputs["plain"], rtol=1e-12, atol=0)
+    for (name, p), q in zip(plain.named_parameters(), checkpointed.parameters(), strict=True):
+        assert p.grad is not None and q.grad is not None
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12, msg=name)
+    for (name, b), c in zip(plain.named_buffers(), checkpointed.buffers(), strict=True):
+        assert torch.equal(b, c), name  # running stats moved once, batch count is 1
+    assert int(plain.stem[1].num_batches_tracked) == 1
+    assert saved["checkpointed"] < 0.5 * saved["plain"]
+    # In eval mode, or without gradients, nothing is recomputed: the same function either way.
+    checkpointed.eval()
+    plain.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(checkpointed(x), plain(x), rtol=1e-12, atol=0)

@@ -10,7 +10,6 @@ from care.config import Config
 from care.data import DataInfo
 from care.errors import CareError
 from care.methods.base import (
-    OPTIMIZERS,
     SCHEDULERS,
     ContrastiveMethod,
     ViewPair,
@@ -20,6 +19,7 @@ from care.methods.base import (
 )
 from care.methods.care import CARE, EquiUnif
 from care.methods.moco import CAREMoCo, KeyQueue, MoCo, momentum_update
+from care.methods.optim import LARS, OPTIMIZERS
 from care.methods.simclr import SimCLR
 
 METHODS: dict[str, type[ContrastiveMethod]] = {
@@ -48,6 +48,7 @@ def build_method(cfg: Config, data: DataInfo) -> ContrastiveMethod:
 
 __all__ = [
     "CARE",
+    "LARS",
     "METHODS",
     "OPTIMIZERS",
     "SCHEDULERS",

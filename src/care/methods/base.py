@@ -3,14 +3,21 @@
 One training step (:meth:`ContrastiveMethod.training_step`) draws this step's augmentations,
 applies them (:meth:`~ContrastiveMethod.make_views`, which returns the views by role as
 :class:`Views`), hands them to the method's own :meth:`~ContrastiveMethod.compute_losses`, which
-reads top to bottom (embed the views, compute the loss terms), then checks the loss and logs it.
-A method is one small class that sets ``name`` and ``uses_groups`` and writes
+reads top to bottom (embed the views, compute the loss terms), then backpropagates, steps the
+optimiser and logs. A method is one small class that sets ``name`` and ``uses_groups`` and writes
 ``compute_losses``; the registry in :mod:`care.methods` maps its name to it.
+
+The InfoNCE pair and the group-shared pair of ``views=separate`` are independent graphs. A method
+hands the first pair's loss to :meth:`~ContrastiveMethod.backward_now` before it embeds the
+second pair, so a step holds two views' activations at a time, not four; the gradients are those
+of the whole loss (DDP averages them once, in the step's last backward).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
@@ -24,10 +31,11 @@ from care.config import Config
 from care.data import DataInfo
 from care.distributed import any_rank, gather_with_grad, rank_and_world
 from care.errors import CareError
+from care.hardware import memory_format_of, resolve
 from care.losses import InfoNCETerms, equivariance_loss, info_nce_terms
+from care.methods.optim import build_optimizer
 from care.models import build_encoder
 
-OPTIMIZERS = ("adam", "sgd")
 SCHEDULERS = ("cosine", "constant")
 
 #: Where care 0.1 checkpoints kept the weights that now live in ``encoder`` and ``key_encoder``.
@@ -111,10 +119,17 @@ class ContrastiveMethod(L.LightningModule):
     def __init__(self, cfg: Config, data: DataInfo) -> None:
         type(self).check_config(cfg)
         super().__init__()
-        self.cfg = cfg
+        # The step backpropagates each independent pair of views on its own (backward_now).
+        self.automatic_optimization = False
+        self.cfg = cfg = resolve(cfg)
         self.data = data
+        self.memory_format = memory_format_of(cfg)
         self.encoder = build_encoder(cfg, data.channels)
+        self.encoder.to(memory_format=self.memory_format)  # type: ignore[call-overload]
         self.augmenter = build_augmenter(cfg, data)
+        self._early_backward: Callable[[Tensor], None] | None = None
+        self._first_nonfinite: Tensor | None = None  # on the device: the step, or -1
+        self._nonfinite_loss = torch.zeros(())  # on the device: that step's loss
 
     # ------------------------------------------------------------- the step
     def compute_losses(self, views: Views) -> dict[str, Tensor]:
@@ -150,14 +165,76 @@ class ContrastiveMethod(L.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images = batch[0]
+        optimizer = self.optimizers()
+        scheduler = self.lr_schedulers()
+        assert isinstance(optimizer, L.pytorch.core.optimizer.LightningOptimizer)
+        optimizer.zero_grad(set_to_none=True)
         views = self.make_views(images, self.step_generator())
-        losses = self.compute_losses(views)
+
+        def backward_without_sync(part: Tensor) -> None:
+            with optimizer.toggle_model(sync_grad=False):  # DDP syncs in the last backward
+                self.manual_backward(part)
+
+        with self.early_backward(backward_without_sync):
+            losses = self.compute_losses(views)
         loss = losses["loss"]
-        if any_rank(not bool(torch.isfinite(loss))):  # collective: every rank stops together
+        self.manual_backward(loss)
+        optimizer.step()
+        scheduler.step()  # type: ignore[union-attr]
+
+        self.record_nonfinite(loss)
+        last_of_epoch = batch_idx + 1 == self.trainer.num_training_batches
+        if (self.global_step % self.cfg.log_every == 0) or last_of_epoch:
+            self.stop_if_nonfinite()  # host sync and collective, on logging steps only
+            self.log_losses(losses, images.shape[0])
+        return loss.detach()
+
+    @contextmanager
+    def early_backward(self, backward: Callable[[Tensor], None]) -> Iterator[None]:
+        """Within this block, :meth:`backward_now` runs ``backward`` on the parts it is given
+        (outside it, they stay in the graph of the returned loss: one backward for the step)."""
+        previous, self._early_backward = self._early_backward, backward
+        try:
+            yield
+        finally:
+            self._early_backward = previous
+
+    def backward_now(self, part: Tensor) -> Tensor:
+        """Backpropagate ``part`` of the loss now and return it detached, so that its views'
+        activations are freed before the next pair is embedded; the gradients add up to those of
+        the whole loss. Outside :meth:`early_backward`, ``part`` is returned as is."""
+        if self._early_backward is None:
+            return part
+        self._early_backward(part)
+        return part.detach()
+
+    def record_nonfinite(self, loss: Tensor) -> None:
+        """Remember, on the device and without a host sync, the first step whose loss is not
+        finite, and that loss."""
+        loss = loss.detach().float()
+        if self._first_nonfinite is None or self._first_nonfinite.device != loss.device:
+            self._first_nonfinite = torch.full((), -1, dtype=torch.long, device=loss.device)
+            self._nonfinite_loss = torch.zeros((), device=loss.device)
+        bad = ~torch.isfinite(loss) & (self._first_nonfinite < 0)
+        step = torch.full_like(self._first_nonfinite, self.global_step - 1)
+        self._first_nonfinite = torch.where(bad, step, self._first_nonfinite)
+        self._nonfinite_loss = torch.where(bad, loss, self._nonfinite_loss)
+
+    def stop_if_nonfinite(self) -> None:
+        """Raise :class:`CareError` on every rank if any rank's loss was not finite since the
+        start (read from the device flag of :meth:`record_nonfinite`: one host sync)."""
+        first, value = -1, float("nan")
+        if self._first_nonfinite is not None:
+            first, value = int(self._first_nonfinite), float(self._nonfinite_loss)
+        if any_rank(first >= 0):  # collective: every rank stops together
+            what = f"{value} at step {first}" if first >= 0 else "non-finite on another rank"
             raise CareError(
-                f"loss became {loss.item()} at step {self.global_step} (epoch {self.current_epoch}):"
+                f"loss became {what} (epoch {self.current_epoch}):"
                 " lower lr, raise temperature or use precision=32"
             )
+
+    def log_losses(self, losses: dict[str, Tensor], batch_size: int) -> None:
+        """Log the loss terms (averaged over ranks) and the lr, on logging steps."""
         for key, value in losses.items():
             self.log(
                 f"train/{key}",
@@ -165,7 +242,7 @@ class ContrastiveMethod(L.LightningModule):
                 prog_bar=key == "loss",
                 on_step=True,
                 on_epoch=False,
-                batch_size=images.shape[0],
+                batch_size=batch_size,
                 sync_dist=True,
             )
         self.log(
@@ -173,9 +250,8 @@ class ContrastiveMethod(L.LightningModule):
             self.trainer.optimizers[0].param_groups[0]["lr"],
             on_step=True,
             on_epoch=False,
-            batch_size=images.shape[0],
+            batch_size=batch_size,
         )
-        return loss
 
     # ------------------------------------------------ what the steps share
     def step_generator(self) -> torch.Generator:
@@ -185,8 +261,14 @@ class ContrastiveMethod(L.LightningModule):
         return gen
 
     def augment(self, images: Tensor, first: AugParams, second: AugParams) -> ViewPair:
-        """The two views of ``images`` under two parameter records."""
-        return ViewPair(self.augmenter.apply(images, first), self.augmenter.apply(images, second))
+        """The two views of ``images`` under two parameter records, in the encoder's memory
+        format."""
+        first_view = self.augmenter.apply(images, first)
+        second_view = self.augmenter.apply(images, second)
+        return ViewPair(
+            first_view.contiguous(memory_format=self.memory_format),
+            second_view.contiguous(memory_format=self.memory_format),
+        )
 
     def embed_pair(self, pair: ViewPair) -> tuple[Tensor, Tensor]:
         """f of both views, with gradient (:func:`embed_both`)."""
@@ -225,7 +307,7 @@ class ContrastiveMethod(L.LightningModule):
             self.data.mean,
             self.data.std,
             self.data.eval_crop_fraction,
-        )
+        ).contiguous(memory_format=self.memory_format)
         return {"features": self.encoder.backbone(x).float(), "labels": labels}
 
     # ---------------------------------------------------------- checkpoints
@@ -241,14 +323,7 @@ class ContrastiveMethod(L.LightningModule):
     # ------------------------------------------------------------ optimiser
     def configure_optimizers(self) -> Any:
         cfg = self.cfg
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer: torch.optim.Optimizer
-        if cfg.optimizer == "adam":
-            optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        else:
-            optimizer = torch.optim.SGD(
-                params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-            )
+        optimizer = build_optimizer(self, cfg, self.device)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(cfg.warmup_epochs * total / cfg.epochs)
         schedule = WarmupCosine(total, warmup, cosine=cfg.scheduler == "cosine")

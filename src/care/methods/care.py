@@ -21,11 +21,16 @@ class CARE(ContrastiveMethod):
 
     def compute_losses(self, views: Views) -> dict[str, Tensor]:
         z1, z2 = self.embed_pair(views.contrastive)
-        e1, e2 = (z1, z2) if views.shared else self.embed_pair(views.group_shared)
         terms = self.info_nce(z1, z2)
+        infonce = terms.total
+        if views.shared:
+            e1, e2 = z1, z2
+        else:  # an independent pair: backpropagate InfoNCE first, freeing its activations
+            infonce = self.backward_now(infonce)
+            e1, e2 = self.embed_pair(views.group_shared)
         equi = self.equivariance(e1, e2)
-        loss = terms.total + self.cfg.weight * equi
-        return {"loss": loss, "inv": terms.inv, "unif": terms.unif, "equi": equi}
+        loss = infonce + self.cfg.weight * equi
+        return {"loss": loss, "inv": terms.inv.detach(), "unif": terms.unif.detach(), "equi": equi}
 
 
 class EquiUnif(ContrastiveMethod):

@@ -47,10 +47,10 @@ class KeyQueue(nn.Module):
     def push(self, keys: Tensor) -> None:
         """Overwrite the oldest ``len(keys)`` entries (only the newest ``size`` if more)."""
         keys = keys.detach().to(self.keys.dtype)[-self.size :]
-        start = int(self.pointer)
-        rows = (torch.arange(keys.shape[0], device=self.keys.device) + start) % self.size
-        self.keys[rows] = keys
-        self.pointer.fill_((start + keys.shape[0]) % self.size)
+        # The pointer stays on the device: no host sync.
+        rows = (torch.arange(keys.shape[0], device=self.keys.device) + self.pointer) % self.size
+        self.keys.index_copy_(0, rows, keys)
+        self.pointer.copy_((self.pointer + keys.shape[0]) % self.size)
 
     def oldest_first(self) -> Tensor:
         """The keys from oldest to newest (for inspection and tests)."""
@@ -117,10 +117,15 @@ class CAREMoCo(MoCo):
 
     def compute_losses(self, views: Views) -> dict[str, Tensor]:
         q1, q2 = self.embed_pair(views.contrastive)
-        e1, e2 = (q1, q2) if views.shared else self.embed_pair(views.group_shared)
         k1, k2 = self.momentum_keys(views.contrastive)
         terms = self.symmetric_moco(q1, q2, k1, k2)
-        equi = self.equivariance(e1, e2)
         self.queue.push(gather_no_grad(k2))
-        loss = terms.total + self.cfg.weight * equi
-        return {"loss": loss, "inv": terms.inv, "unif": terms.unif, "equi": equi}
+        moco = terms.total
+        if views.shared:
+            e1, e2 = q1, q2
+        else:  # an independent pair: backpropagate MoCo's loss first, freeing its activations
+            moco = self.backward_now(moco)
+            e1, e2 = self.embed_pair(views.group_shared)
+        equi = self.equivariance(e1, e2)
+        loss = moco + self.cfg.weight * equi
+        return {"loss": loss, "inv": terms.inv.detach(), "unif": terms.unif.detach(), "equi": equi}

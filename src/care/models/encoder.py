@@ -35,7 +35,13 @@ class Encoder(nn.Module):
 
 def build_encoder(cfg: Config, in_channels: int) -> Encoder:
     """The encoder ``cfg`` describes (``backbone``, ``stem``, ``widths``, ``head_hidden``,
-    ``head_out``, ``embedding``, ``curvature``) for images with ``in_channels`` channels."""
-    backbone = ResNet(cfg.backbone, in_channels=in_channels, stem=cfg.stem, widths=cfg.widths)
+    ``head_out``, ``embedding``, ``curvature``, ``activation_checkpointing``) for images with ``in_channels`` channels."""
+    backbone = ResNet(
+        cfg.backbone,
+        in_channels=in_channels,
+        stem=cfg.stem,
+        widths=cfg.widths,
+        activation_checkpointing=cfg.activation_checkpointing,
+    )
     head = ProjectionHead(backbone.feature_dim, cfg.head_hidden, cfg.head_out)
     return Encoder(backbone, head, cfg.embedding, cfg.curvature)

@@ -3,14 +3,20 @@
 The CIFAR stem (3×3 stride-1 conv, no max-pool) is the one used for 32 px images in the paper;
 the ImageNet stem (7×7 stride-2 conv + max-pool) for 96 px and up. ``widths`` sets the four stage
 widths: (64, 128, 256, 512) is the standard ResNet, (16, 32, 64, 128) a small CPU model.
+
+With ``activation_checkpointing`` the stem and every residual block are recomputed in the
+backward pass instead of keeping their activations (:func:`torch.utils.checkpoint.checkpoint`):
+a training forward then keeps only each block's input, at the cost of a second forward.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from care.errors import CareError
 
@@ -81,8 +87,10 @@ class ResNet(nn.Module):
         in_channels: int = 3,
         stem: str = "cifar",
         widths: Sequence[int] = (64, 128, 256, 512),
+        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
+        self.activation_checkpointing = activation_checkpointing
         if arch not in ARCHITECTURES:
             raise CareError(f"unknown backbone '{arch}': choose one of {sorted(ARCHITECTURES)}")
         if len(widths) != 4 or any(int(w) < 1 for w in widths):
@@ -122,5 +130,40 @@ class ResNet(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.layers(self.stem(x))
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            for segment in (self.stem, *self.layers):
+                x = checkpoint(
+                    segment, x, use_reentrant=False, context_fn=_recompute_contexts(segment)
+                )
+        else:
+            x = self.layers(self.stem(x))
         return torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
+
+
+def _recompute_contexts(
+    segment: nn.Module,
+) -> Callable[[], tuple[AbstractContextManager[None], AbstractContextManager[None]]]:
+    """``checkpoint``'s ``context_fn`` for ``segment``: nothing around the forward, and
+    :func:`_no_stat_updates` around its recomputation."""
+    return lambda: (nullcontext(), _no_stat_updates(segment))
+
+
+@contextmanager
+def _no_stat_updates(module: nn.Module) -> Iterator[None]:
+    """BatchNorm layers in ``module`` normalise with batch statistics (as in training) but leave
+    their running statistics and batch count as they are: a recomputed forward must not count
+    twice. (Momentum 0 keeps the running statistics; the forward saves the same tensors.)"""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [
+        (m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone())
+        for m in norms
+    ]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, count) in zip(norms, saved, strict=True):
+            m.momentum = momentum
+            if count is not None and m.num_batches_tracked is not None:
+                m.num_batches_tracked.copy_(count)
