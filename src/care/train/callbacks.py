@@ -118,34 +118,71 @@ class MetricsCSV(Callback):
 
 
 class Throughput(Callback):
-    """Wall time of each training step (forward, backward, optimiser), after a short warm-up."""
+    """Images/s of the training loop as a whole, data loading included, and the share of the
+    time spent waiting for the data loader.
+
+    It reads the wall clock at each batch's start and end, without synchronising the device
+    each step: over the timed window (every step after ``warmup``) the host cannot run more
+    than a few steps ahead of the device, and the window's ends (and each epoch's last step)
+    are synchronised, so the mean is the device's pace. The wait is the time from one step's
+    end (or an epoch's start) to the next step's start, where the loop fetches the next batch
+    and moves it to the device; the online kNN monitor between epochs is not counted.
+    """
 
     def __init__(self, images_per_step: int, warmup: int = 3) -> None:
         self.images_per_step, self.warmup = images_per_step, warmup
-        self.times: list[float] = []
-        self._start = 0.0
         self._seen = 0
+        self._batch_start = 0.0
+        self._window_start: float | None = None
+        self._last_end: float | None = None
+        self._steps = 0
+        self._wait = 0.0
+        self._elapsed = 0.0
 
-    def _sync(self, pl_module: L.LightningModule) -> None:
+    @staticmethod
+    def _sync(pl_module: L.LightningModule) -> None:
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # The validation before this epoch is not timed; fetching its first batch is.
+        self._last_end = None if self._window_start is None else time.perf_counter()
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any
     ) -> None:
-        self._sync(pl_module)
-        self._start = time.perf_counter()
+        self._batch_start = time.perf_counter()
+        if self._window_start is not None and self._last_end is not None:
+            self._wait += self._batch_start - self._last_end
 
     def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
     ) -> None:
-        self._sync(pl_module)
         self._seen += 1
-        if self._seen > self.warmup:
-            self.times.append(time.perf_counter() - self._start)
+        if self._seen == self.warmup:  # the window opens once the warm-up steps are done
+            self._sync(pl_module)
+            self._window_start = self._last_end = time.perf_counter()
+            return
+        if self._window_start is None:
+            return
+        if batch_idx + 1 == trainer.num_training_batches:
+            self._sync(pl_module)  # the epoch's queued device work belongs to its steps
+        now = time.perf_counter()
+        self._elapsed += now - (self._batch_start if self._last_end is None else self._last_end)
+        self._steps += 1
+        self._last_end = now
 
     def summary(self) -> dict[str, float]:
-        if not self.times:
+        if self._steps == 0 or self._elapsed <= 0:
             return {}
-        step = sorted(self.times)[len(self.times) // 2]
-        return {"step_time_s": step, "images_per_s": self.images_per_step / step}
+        step = self._elapsed / self._steps
+        return {
+            "step_time_s": step,
+            "images_per_s": self.images_per_step / step,
+            "data_wait_share": self._wait / self._elapsed,
+        }

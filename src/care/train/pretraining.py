@@ -14,21 +14,21 @@ from torch.utils.data import DataLoader
 from care.config import Config
 from care.data import EpochSampler, LabeledImages, data_info, load_split, make_loader
 from care.errors import CareError
+from care.hardware import configure_backends, cpu_has_native_bf16, resolve
 from care.methods import build_method, method_class, views_label
 from care.runs import AtomicCheckpointIO, RunDir, atomic_write_json, open_run, save_weights
 from care.train.callbacks import KNNMonitor, MetricsCSV, Throughput
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (avx512_bf16 or AMX); without, oneDNN emulates it."""
-    cpu = torch.cpu
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
-
-
 def pretrain(cfg: Config) -> RunDir:
-    """Pretrain ``cfg.method`` and write the run directory ``cfg.out``."""
+    """Pretrain ``cfg.method`` and write the run directory ``cfg.out``.
+
+    ``precision=auto`` and ``memory_format=auto`` are resolved for the accelerator first
+    (:func:`care.hardware.resolve`); the run directory keeps the resolved values.
+    """
     method_class(cfg)  # a config the method cannot train fails before anything is read
+    cfg = resolve(cfg)
+    configure_backends(cfg)
     if cfg.sync_batchnorm and not torch.cuda.is_available():
         raise CareError(
             "sync_batchnorm=true needs GPUs (torch's SyncBatchNorm has no CPU kernel): "
@@ -45,7 +45,7 @@ def pretrain(cfg: Config) -> RunDir:
         last_checkpoint(run),
         MetricsCSV(run.metrics, cfg.log_every),
         throughput,
-        TQDMProgressBar(refresh_rate=max(1, cfg.log_every // 2)),
+        TQDMProgressBar(refresh_rate=cfg.log_every),  # it reads the losses: on logging steps
     ]
     if monitor:
         callbacks += knn_callbacks(cfg, run, info.num_classes)
@@ -81,6 +81,7 @@ def pretrain(cfg: Config) -> RunDir:
                 "batch_size_per_device": cfg.batch_size,
                 "global_batch": cfg.batch_size * trainer.world_size,
                 "precision": cfg.precision,
+                "memory_format": cfg.memory_format,
                 "final_knn_acc": None if knn is None else float(knn),
                 "wall_time_s": time.perf_counter() - started,
                 **throughput.summary(),
