@@ -28,6 +28,7 @@ from care.config import Config
 from care.data import DataInfo, LabeledImages, data_info, load_split
 from care.errors import CareError
 from care.evaluate.parameter_probe import parameter_probe
+from care.hardware import autocast_for, evaluation_precision, requested_precision
 from care.metrics import composition_error, equivariance_report, form_distortion, group_fit
 from care.plots import plot_equivariance
 from care.runs import RunDir, atomic_write_json, json_ready, load_trained_encoder
@@ -45,11 +46,15 @@ class TrainedEncoder:
     info: DataInfo
     module: nn.Module
     layer: str
+    precision: str = "32"  # the autocast the module runs under (care.hardware.autocast_for)
 
     @torch.no_grad()
     def __call__(self, x: Tensor, batch_size: int = 512) -> Tensor:
         """Embeddings of normalised images, rows = samples (float64 on CPU)."""
-        out = [self.module(x[i : i + batch_size]).double() for i in range(0, len(x), batch_size)]
+        with autocast_for(self.precision, x.device):
+            out = [
+                self.module(x[i : i + batch_size]).double() for i in range(0, len(x), batch_size)
+            ]
         return torch.cat(out).cpu()
 
     @property
@@ -195,10 +200,16 @@ def equivariance_command(
     layer: str = "projection",
     compositions: int = 5,
     seed: int = 0,
+    precision: str | None = None,
 ) -> dict[str, Any]:
-    """Measure one run (or compare two) and write equivariance.json and plots into RUN_DIR."""
+    """Measure one run (or compare two) and write equivariance.json and plots into RUN_DIR.
+
+    ``precision`` is the autocast the encoders embed under; by default the runs' own
+    (:func:`care.hardware.evaluation_precision`), or 32 when two runs differ in it.
+    """
     if trials < 1 or samples < 2:
         raise CareError("trials must be at least 1 and samples at least 2")
+    requested = requested_precision(precision)
     encoder, dataset = load_trained(run_dir, layer, split)
     encoders = [encoder]
     if against is not None:
@@ -212,6 +223,10 @@ def equivariance_command(
                 "one dataset and image size"
             )
         encoders.append(other)
+    precisions = {evaluation_precision(e.cfg.precision, "cpu", requested) for e in encoders}
+    chosen = precisions.pop() if len(precisions) == 1 else "32"
+    for e in encoders:  # both models of a comparison embed alike
+        e.precision = chosen
     count = min(samples, len(dataset))
     images = torch.stack([dataset[i][0] for i in range(count)])
     measured = measure(encoders, images, trials=trials, compositions=compositions, seed=seed)
@@ -222,6 +237,7 @@ def equivariance_command(
         "forms": [e.form for e in encoders],
         "layer": layer,
         "split": split,
+        "precision": encoder.precision,
         **measured,
     }
     if against is not None:

@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader
 
 from care.augment.eval import eval_transform
 from care.data import DataInfo, LabeledImages
+from care.hardware import autocast_for
 
 
 @torch.no_grad()
@@ -19,9 +20,11 @@ def extract_features(
     *,
     batch_size: int = 512,
     device: torch.device | str = "cpu",
+    precision: str = "32",
     description: str = "features",
 ) -> tuple[Tensor, Tensor]:
-    """``module`` applied to every image (eval transform, eval mode): (features, labels) on CPU."""
+    """``module`` applied to every image (eval transform, eval mode; under autocast for a mixed
+    ``precision``): (float32 features, labels) on the CPU."""
     was_training = module.training
     module.eval().to(device)
     features, labels = [], []
@@ -32,7 +35,8 @@ def extract_features(
             x = eval_transform(
                 images.to(device), info.image_size, info.mean, info.std, info.eval_crop_fraction
             )
-            features.append(module(x).float().cpu())
+            with autocast_for(precision, device):
+                features.append(module(x).float().cpu())
             labels.append(y)
             progress.advance(task)
     module.train(was_training)

@@ -27,10 +27,13 @@ from care.config import EVALUATION_KEYS, Config, with_overrides
 from care.data import data_info, load_split
 from care.errors import CareError
 from care.evaluate.features import extract_features
+from care.hardware import evaluation_precision, requested_precision
 from care.methods import views_label
 from care.metrics import weighted_knn_accuracy
 from care.runs import RunDir, atomic_write_json, load_trained_encoder
 
+PROBE_OPTIMIZERS = ("adam", "sgd")
+"""The linear probe's optimisers (``probe_optimizer``)."""
 PROBE_MOMENTUM = 0.9
 """Momentum of the SGD probe (MoCo's ``main_lincls.py``); Nesterov is off."""
 
@@ -93,7 +96,9 @@ def train_linear_probe(
             weight_decay=weight_decay,
         )
     else:
-        raise CareError(f"bad value for 'probe_optimizer': {optimizer!r}; choose adam or sgd")
+        raise CareError(
+            f"bad value for 'probe_optimizer': {optimizer!r}; choose one of {list(PROBE_OPTIMIZERS)}"
+        )
     labels = train_y.long()
     for epoch in range(epochs):
         for group in opt.param_groups:
@@ -158,13 +163,17 @@ def _device(cfg: Config) -> torch.device:
 def probe_run(run_dir: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Evaluate a finished run's backbone; writes and returns ``probe.json``'s content.
 
-    ``overrides`` may change the evaluation settings only (:data:`care.config.EVALUATION_KEYS`).
+    ``overrides`` may change the evaluation settings only (:data:`care.config.EVALUATION_KEYS`),
+    and ``precision``, the precision of the feature extraction (default: the run's, where this
+    machine runs it natively; :func:`care.hardware.evaluation_precision`).
     """
-    overrides = overrides or {}
+    overrides = dict(overrides or {})
+    requested = requested_precision(overrides.pop("precision", None))
     for key in overrides:
         if key not in EVALUATION_KEYS:
             raise CareError(
-                f"'{key}' cannot be changed by `care probe`: use one of {list(EVALUATION_KEYS)}"
+                f"'{key}' cannot be changed by `care probe`: use one of "
+                f"{[*EVALUATION_KEYS, 'precision']}"
             )
     run = RunDir(run_dir)
     cfg = with_overrides(run.read_config(), overrides)
@@ -172,11 +181,12 @@ def probe_run(run_dir: str, overrides: dict[str, Any] | None = None) -> dict[str
     info = data_info(cfg, train_set)
     backbone = load_trained_encoder(run, cfg, info.channels, "backbone")
     device = _device(cfg)
+    precision = evaluation_precision(cfg.precision, device.type, requested)
     train_x, train_y = extract_features(
-        backbone, train_set, info, device=device, description="train features"
+        backbone, train_set, info, device=device, precision=precision, description="train features"
     )
     test_x, test_y = extract_features(
-        backbone, test_set, info, device=device, description="test features"
+        backbone, test_set, info, device=device, precision=precision, description="test features"
     )
     knn = 100.0 * weighted_knn_accuracy(
         train_x, train_y, test_x, test_y, info.num_classes, cfg.knn_k, cfg.knn_temperature
@@ -189,6 +199,7 @@ def probe_run(run_dir: str, overrides: dict[str, Any] | None = None) -> dict[str
         "dataset": cfg.dataset,
         "features": {
             "layer": "backbone",
+            "precision": precision,
             "dim": int(train_x.shape[1]),
             "train": int(train_x.shape[0]),
             "test": int(test_x.shape[0]),
