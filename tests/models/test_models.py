@@ -1,11 +1,16 @@
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from care.errors import CareError
 from care.models import ProjectionHead, ResNet, to_sphere
 from care.models.heads import HYPERBOLOID_CLIP_RADIUS, embed_projection, to_hyperboloid
+from care.models.resnet import PointwiseConv
 
 
 @pytest.mark.parametrize(
@@ -129,3 +134,54 @@ def test_activation_checkpointing_changes_no_number_and_keeps_less(arch: str, st
     plain.eval()
     with torch.no_grad():
         torch.testing.assert_close(checkpointed(x), plain(x), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("channels", "stride", "size"), [(4, 2, 28), (3, 2, 9), (20, 3, 12), (4, 1, 8)]
+)
+def test_pointwise_conv_in_channels_last_equals_the_strided_convolution(
+    channels: int, stride: int, size: int
+) -> None:
+    torch.manual_seed(0)
+    conv = PointwiseConv(channels, 6, stride).double()
+    reference = torch.nn.Conv2d(channels, 6, 1, stride, bias=False).double()
+    reference.load_state_dict(conv.state_dict())  # the same keys as a plain Conv2d
+    x = torch.randn(5, channels, size, size, dtype=torch.float64)
+    x_last = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    x_first = x.clone().requires_grad_()
+    out, expected = conv.to(memory_format=torch.channels_last)(x_last), reference(x_first)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(expected)
+    out.backward(grad)
+    expected.backward(grad)
+    assert x_last.grad is not None and x_first.grad is not None
+    torch.testing.assert_close(x_last.grad, x_first.grad, rtol=1e-12, atol=1e-12)
+    assert conv.weight.grad is not None and reference.weight.grad is not None
+    torch.testing.assert_close(conv.weight.grad, reference.weight.grad, rtol=1e-10, atol=1e-12)
+
+
+_CHANNELS_LAST_STEPS = """
+import torch
+from care.models import ResNet
+torch.manual_seed(0)
+model = ResNet("resnet18", in_channels=1, widths=(4, 4, 8, 8)).to(memory_format=torch.channels_last)
+x = torch.randn(64, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+for _ in range(15):
+    model(x).sum().backward()
+print("done")
+"""
+
+
+def test_tiny_widths_in_channels_last_train_on_an_avx2_cpu() -> None:
+    """oneDNN's AVX2 strided 1x1 backward-weights kernel overruns its workspace for NHWC inputs
+    of under 8 channels (uxlfoundation/oneDNN#6035): with plain Conv2d shortcuts these steps hung
+    or crashed in 6 of 7 runs here. ONEDNN_MAX_CPU_ISA=AVX2 selects those kernels on any x86."""
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "OMP_NUM_THREADS": "2"}
+    done = subprocess.run(
+        [sys.executable, "-c", _CHANNELS_LAST_STEPS],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "done", done.stderr[-2000:]

@@ -59,12 +59,38 @@ class Bottleneck(nn.Module):
         return torch.relu(out + self.shortcut(x))
 
 
+class PointwiseConv(nn.Conv2d):
+    """A 1×1 convolution (no padding) that, given a channels_last image on the CPU, computes its
+    stride ``s`` as the stride-1 convolution of every ``s``-th pixel: the same numbers.
+
+    oneDNN's strided 1×1 backward-weights kernels for NHWC images copy the strided input into a
+    workspace at a wrong offset when the input has fewer channels than the kernel's block
+    (8 with AVX2, 16 with AVX-512; uxlfoundation/oneDNN#6035): the copy overruns, and a training
+    step hangs, crashes or silently computes wrong gradients. Subsampling first keeps oneDNN on
+    its stride-1 kernels, which have no such copy.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+        super().__init__(in_channels, out_channels, 1, stride, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        sh, sw = self.stride
+        strided = sh > 1 or sw > 1
+        if strided and x.device.type == "cpu" and _is_channels_last(x):
+            x = x[:, :, ::sh, ::sw]
+            return nn.functional.conv2d(x, self.weight, self.bias)
+        return super().forward(x)
+
+
+def _is_channels_last(x: Tensor) -> bool:
+    """Whether ``x`` is laid out NHWC and not also NCHW (1 channel or 1 pixel are both)."""
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
 def _shortcut(in_planes: int, out_planes: int, stride: int) -> nn.Module:
     if stride == 1 and in_planes == out_planes:
         return nn.Identity()
-    return nn.Sequential(
-        nn.Conv2d(in_planes, out_planes, 1, stride, bias=False), nn.BatchNorm2d(out_planes)
-    )
+    return nn.Sequential(PointwiseConv(in_planes, out_planes, stride), nn.BatchNorm2d(out_planes))
 
 
 STEMS = ("cifar", "imagenet")
