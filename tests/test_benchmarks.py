@@ -6,12 +6,17 @@ mean nothing and no timing is asserted.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import platform
 import subprocess
 import sys
+import warnings
 from pathlib import Path
+from types import ModuleType
 
+from care.hardware import resolve_memory_format
 from tests.conftest import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,12 +52,36 @@ def test_throughput_times_every_method_and_the_backbone_alone(tmp_path: Path) ->
         phases = r["augment"] + r["forward"] + r["loss"] + r["backward"]
         assert abs(r["step"] - phases) < 1e-9 and r["step"] > 0
         assert r["images_per_s"] == 16 / r["step"] and r["backbone_only"] > 0
+        assert r["unsynced_images_per_s"] == 16 / r["unsynced_step"] > 0
         assert r["faults"] >= 0
+        assert isinstance(r["early_backward"], bool)
     assert results["care (separate views)"]["views"] == 4
     assert results["care (shared views)"]["views"] == 2
     assert printed.count("\n| ") == 6  # header and five methods
+    assert payload["config"]["precision"] == "32"  # TINY_MODEL's; memory_format=auto resolved:
+    assert payload["config"]["memory_format"] == resolve_memory_format("auto", "cpu")
     glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
     assert payload["tuned_malloc"] is glibc  # as the `care` command sets it
+
+
+def test_throughput_compares_settings_in_one_run(tmp_path: Path) -> None:
+    out = tmp_path / "compare.json"
+    args = ["--synthetic", "1x16", "--json", str(out), "batch_size=16", "steps=1", "warmup=1"]
+    args += ["--variants", "simclr,care-separate", *TINY_MODEL]
+    args += ["--compare", "precision=32 memory_format=contiguous"]
+    args += ["--compare", "precision=32 memory_format=channels_last"]
+    printed = _script("throughput.py", *args)
+    payload = json.loads(out.read_text())
+    labels = [
+        f"{name} [precision=32 memory_format={fmt}]"
+        for fmt in ("contiguous", "channels_last")
+        for name in ("simclr", "care (separate views)")
+    ]
+    assert sorted(payload["results"]) == sorted(labels)
+    formats = [c["memory_format"] for c in payload["configs"].values()]
+    assert formats == ["contiguous", "channels_last"]
+    assert "speed-up of a whole step over [precision=32 memory_format=contiguous]" in printed
+    assert printed.count("| 1.00× |") >= 2  # the baseline column, one per variant
 
 
 def test_bf16_effect_compares_loss_terms_and_gradients(tmp_path: Path, fake_fmnist: Path) -> None:
@@ -94,3 +123,142 @@ def test_quality_trains_probes_measures_and_reports(tmp_path: Path, fake_fmnist:
     table = (folder / "quality.md").read_text()
     assert "| simclr | 1 |" in table and "| care-shared λ=0.1 | 1 |" in table
     assert (folder / "quality.png").stat().st_size > 5000
+
+
+def _benchmark_module(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_throughput_selects_variants_by_short_name() -> None:
+    throughput = _benchmark_module("throughput")
+    chosen = throughput.select_variants("simclr,care-separate,care-shared")
+    assert list(chosen) == ["simclr", "care (separate views)", "care (shared views)"]
+    assert list(throughput.select_variants(None)) == list(throughput.VARIANTS)
+    try:
+        throughput.select_variants("simclr,byol")
+    except SystemExit as exc:
+        assert "care-separate" in str(exc)
+    else:
+        raise AssertionError("an unknown variant must be refused")
+
+
+def test_sync_counter_counts_every_sync_warning_whatever_the_filters() -> None:
+    counter = _benchmark_module("gpu_step").SyncCounter(cuda=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # as pytest's filterwarnings sets for UserWarning
+        counter.start()
+        for _ in range(3):  # the same line thrice: none deduplicated
+            warnings.warn("called a synchronizing CUDA operation", UserWarning, stacklevel=1)
+        warnings.warn("something else", UserWarning, stacklevel=1)
+        result = counter.stop()
+        warnings.warn("called a synchronizing CUDA operation", UserWarning, stacklevel=1)
+    assert result["syncs"] == 3 and result["other_warnings"] == 1
+    ((where, count),) = result["where"].items()
+    assert where.startswith("tests/test_benchmarks.py:") and count == 3
+    assert not counter.active and counter.stop()["syncs"] == 0
+
+
+def test_report_marks_a_failed_part_with_its_last_error_line(tmp_path: Path) -> None:
+    out, work = tmp_path / "out", tmp_path / "work"
+    (work / "logs").mkdir(parents=True)
+    out.mkdir()
+    (work / "parts.tsv").write_text(
+        "setup\t0\t1000\t45\n"
+        "throughput_resnet18\t1\t2000\t75\n"
+        "throughput_resnet50\t124\t100000\t100\n"
+        "gpu_step\tskipped\t0\t3\n"
+    )
+    (work / "logs" / "throughput_resnet18.log").write_text(
+        "timing rounds\nTraceback (most recent call last):\n  File x\n"
+        "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB\n\n"
+    )
+    gpu_step = _benchmark_module("gpu_step")
+    assert gpu_step.main(["report", "--out", str(out), "--work", str(work)]) == 1
+    table = (out / "gpu_check.md").read_text()
+    assert table.count("\n| ") >= 8 and "| part | item | result |" in table
+    assert (
+        "| 2 throughput | resnet18 | FAILED (exit 1): torch.OutOfMemoryError: CUDA out of memory."
+        in table
+    )
+    assert "| 2 throughput | resnet50 | FAILED: timed out after 100 s |" in table
+    assert "| 3 syncs | gpu_step.py | SKIPPED: no time left in the budget |" in table
+    assert "| 5 pretrain | care pretrain | FAILED: did not run |" in table
+    parts = json.loads((out / "gpu_check.json").read_text())["parts"]
+    assert parts["setup"]["ok"] and not parts["throughput_resnet18"]["ok"]
+
+
+def test_gpu_check_smoke_runs_every_part_on_the_cpu(tmp_path: Path) -> None:
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = {**os.environ, "GPU_CHECK_SMOKE": "1", "OUT": str(out), "GPU_CHECK_WORK": str(work)}
+    env["PYTHON"] = sys.executable
+    done = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    table = (out / "gpu_check.md").read_text()
+    assert done.stdout.rstrip().endswith(table.rstrip().splitlines()[-1])  # printed last
+    assert "FAILED" not in table and "SKIPPED" not in table, table
+    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    labels = {tuple(cell.strip() for cell in row.split("|")[1:3]) for row in rows}
+    for backbone in ("resnet18", "resnet50"):
+        for variant in ("simclr", "care (separate views)", "care (shared views)"):
+            assert ("2 throughput", f"{backbone} {variant}") in labels
+            assert ("3 syncs", f"{backbone} {variant}") in labels
+            assert ("4 peak memory", f"{backbone} {variant}") in labels
+    assert {"1 tests", "5 pretrain", "5 probe"} <= {part for part, _ in labels}
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert set(report["parts"]) == {
+        "setup", "tests", "throughput_resnet18", "throughput_resnet50", "gpu_step", "data",
+        "pretrain", "probe",
+    }  # fmt: skip
+    assert all(p["ok"] for p in report["parts"].values())
+    assert report["tests"]["failed"] == 0
+    pretrain = json.loads((out / "pretrain.json").read_text())
+    assert pretrain["summary"]["epochs"] == 2 and pretrain["summary"]["train_images"] == 160
+    assert 0.0 <= pretrain["probe"]["linear"]["mean"] <= 100.0
+    assert len(list(out.iterdir())) <= 8  # what the device tool brings back
+
+
+def test_step_probe_counts_the_syncs_of_the_measured_steps_only() -> None:
+    import lightning as L
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Warns(L.LightningModule):
+        """Warns like the sync debug mode once in every training step, twice in step 2."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+            for _ in range(2 if self.global_step == 2 else 1):
+                warnings.warn("called a synchronizing CUDA operation", UserWarning, stacklevel=1)
+            return self.layer(batch[0]).sum()
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    probe = _benchmark_module("gpu_step").step_probe(first=1, count=2, cuda=False, log_every=100)
+    trainer = L.Trainer(
+        max_steps=5, accelerator="cpu", logger=False, callbacks=[probe], log_every_n_steps=100,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(Warns(), DataLoader(TensorDataset(torch.randn(10, 2)), batch_size=2))
+    assert [(s["step"], s["syncs"], s["logging_step"]) for s in probe.steps] == [
+        (1, 1, False),
+        (2, 2, False),
+    ]
+    assert all(s["step_s"] > 0 and "peak_bytes" not in s for s in probe.steps)
+    assert not probe.counter.active

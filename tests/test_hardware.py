@@ -31,12 +31,16 @@ from tests.conftest import fails_with_one_line, tiny
 
 @pytest.fixture
 def native_bf16_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An x86 CPU with avx512_bf16 (AVX-512 too)."""
     monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
 
 
 @pytest.fixture
 def emulated_bf16_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An x86 CPU with AVX2 only."""
     monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
 
 
 def _cuda(monkeypatch: pytest.MonkeyPatch, *, bf16: bool) -> None:
@@ -44,25 +48,32 @@ def _cuda(monkeypatch: pytest.MonkeyPatch, *, bf16: bool) -> None:
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
 
 
-def test_auto_is_bf16_on_a_cpu_with_native_bf16(native_bf16_cpu: None) -> None:
+def test_auto_is_bf16_and_nhwc_on_a_cpu_with_native_bf16(native_bf16_cpu: None) -> None:
     assert resolve_precision("auto", "cpu") == "bf16-mixed"
-    assert resolve_memory_format("auto", "cpu", "bf16-mixed") == "channels_last"
-    assert resolve_memory_format("auto", "cpu", "32") == "contiguous"
+    assert resolve_memory_format("auto", "cpu") == "channels_last"
 
 
-def test_auto_is_fp32_on_a_cpu_that_emulates_bf16(emulated_bf16_cpu: None) -> None:
+def test_auto_is_fp32_and_nhwc_on_an_avx2_cpu(emulated_bf16_cpu: None) -> None:
     assert resolve_precision("auto", "cpu") == "32"
-    assert resolve_memory_format("auto", "cpu", "32") == "contiguous"
+    assert resolve_memory_format("auto", "cpu") == "channels_last"
     # An explicit bf16-mixed still runs there (pretrain warns that it is emulated).
     assert resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"
-    assert resolve_memory_format("auto", "cpu", "bf16-mixed") == "contiguous"
+
+
+@pytest.mark.parametrize("capability", ["DEFAULT", "NO AVX", "SVE256"])
+def test_auto_is_contiguous_on_cpus_where_nhwc_was_not_measured(
+    capability: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert resolve_memory_format("auto", "cpu") == "contiguous"
+    assert resolve_memory_format("auto", "mps") == "contiguous"
 
 
 def test_auto_on_cuda_follows_bf16_support(monkeypatch: pytest.MonkeyPatch) -> None:
     _cuda(monkeypatch, bf16=True)
     assert hardware.device_type("auto") == "cuda"
     assert resolve_precision("auto", "cuda") == "bf16-mixed"
-    assert resolve_memory_format("auto", "cuda", "bf16-mixed") == "channels_last"
+    assert resolve_memory_format("auto", "cuda") == "channels_last"
     _cuda(monkeypatch, bf16=False)
     assert resolve_precision("auto", "cuda") == "32"
     assert resolve_precision("16-mixed", "cuda") == "16-mixed"
@@ -72,7 +83,7 @@ def test_explicit_settings_are_kept(native_bf16_cpu: None) -> None:
     for precision in ("32", "bf16-mixed"):
         assert resolve_precision(precision, "cpu") == precision
     for memory_format in ("contiguous", "channels_last"):
-        assert resolve_memory_format(memory_format, "cpu", "bf16-mixed") == memory_format
+        assert resolve_memory_format(memory_format, "cpu") == memory_format
 
 
 def test_precisions_a_device_cannot_run_are_one_line_errors(
@@ -181,9 +192,9 @@ def test_a_run_records_the_resolved_settings(
     args = tiny(fake_fmnist, out, "precision=auto", "memory_format=auto", "knn_every=0")
     assert main(["pretrain", *args]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert (summary["precision"], summary["memory_format"]) == ("32", "contiguous")
+    assert (summary["precision"], summary["memory_format"]) == ("32", "channels_last")
     saved = OmegaConf.load(out / "config.yaml")
-    assert (saved.precision, saved.memory_format) == ("32", "contiguous")
+    assert (saved.precision, saved.memory_format) == ("32", "channels_last")
     # resume=true with the default auto resolves to the same values, so it is the same run
     assert main(["pretrain", *args, "resume=true", "epochs=2"]) == 0
     assert json.loads((out / "summary.json").read_text())["epochs"] == 2
