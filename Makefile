@@ -11,8 +11,12 @@ RUN ?= runs/demo-care
 
 $(BIN)/care: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e .
+	touch $@
+
+# The test tools (pytest, ruff, mypy, scipy) only for `make test`: `make demo` does without them.
+$(BIN)/pytest: $(BIN)/care
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
 
@@ -25,12 +29,12 @@ demo: install data
 	$(BIN)/care pretrain --config configs/fashion-mnist.yaml method=care out=$(RUN) resume=true $(DEMO_ARGS)
 	$(BIN)/care probe $(RUN)
 
-lint: install
+lint: $(BIN)/pytest
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/mypy src
 
-test: install data lint
+test: $(BIN)/pytest data lint
 	$(BIN)/pytest
 
 clean:

@@ -37,6 +37,7 @@ __all__ = [
     "resolve_memory_format",
     "resolve_precision",
     "runs_natively",
+    "torch_memory_format",
 ]
 
 
@@ -174,9 +175,14 @@ def resolve(cfg: Config) -> Config:
 
 def memory_format_of(cfg: Config) -> torch.memory_format:
     """The torch memory format of a resolved ``cfg.memory_format``."""
-    if cfg.memory_format == "auto":
+    return torch_memory_format(cfg.memory_format)
+
+
+def torch_memory_format(name: str) -> torch.memory_format:
+    """``channels_last`` or ``contiguous`` as a torch memory format (``auto`` resolved first)."""
+    if name == "auto":
         raise ValueError("memory_format=auto must be resolved first (care.hardware.resolve)")
-    return torch.channels_last if cfg.memory_format == "channels_last" else torch.contiguous_format
+    return torch.channels_last if name == "channels_last" else torch.contiguous_format
 
 
 def configure_backends(cfg: Config) -> None:

@@ -21,12 +21,14 @@ def extract_features(
     batch_size: int = 512,
     device: torch.device | str = "cpu",
     precision: str = "32",
+    memory_format: torch.memory_format = torch.contiguous_format,
     description: str = "features",
 ) -> tuple[Tensor, Tensor]:
     """``module`` applied to every image (eval transform, eval mode; under autocast for a mixed
-    ``precision``): (float32 features, labels) on the CPU."""
+    ``precision``, in ``memory_format``): (float32 features, labels) on the CPU."""
     was_training = module.training
     module.eval().to(device)
+    module.to(memory_format=memory_format)  # type: ignore[call-overload]
     features, labels = [], []
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     with Progress(transient=True) as progress:
@@ -34,7 +36,7 @@ def extract_features(
         for images, y in loader:
             x = eval_transform(
                 images.to(device), info.image_size, info.mean, info.std, info.eval_crop_fraction
-            )
+            ).contiguous(memory_format=memory_format)
             with autocast_for(precision, device):
                 features.append(module(x).float().cpu())
             labels.append(y)

@@ -27,7 +27,12 @@ from care.config import EVALUATION_KEYS, Config, with_overrides
 from care.data import data_info, load_split
 from care.errors import CareError
 from care.evaluate.features import extract_features
-from care.hardware import evaluation_precision, requested_precision
+from care.hardware import (
+    evaluation_precision,
+    requested_precision,
+    resolve_memory_format,
+    torch_memory_format,
+)
 from care.methods import views_label
 from care.metrics import weighted_knn_accuracy
 from care.runs import RunDir, atomic_write_json, load_trained_encoder
@@ -182,12 +187,20 @@ def probe_run(run_dir: str, overrides: dict[str, Any] | None = None) -> dict[str
     backbone = load_trained_encoder(run, cfg, info.channels, "backbone")
     device = _device(cfg)
     precision = evaluation_precision(cfg.precision, device.type, requested)
-    train_x, train_y = extract_features(
-        backbone, train_set, info, device=device, precision=precision, description="train features"
-    )
-    test_x, test_y = extract_features(
-        backbone, test_set, info, device=device, precision=precision, description="test features"
-    )
+    memory_format = torch_memory_format(resolve_memory_format("auto", device.type))
+    features = {
+        split: extract_features(
+            backbone,
+            data,
+            info,
+            device=device,
+            precision=precision,
+            memory_format=memory_format,
+            description=f"{split} features",
+        )
+        for split, data in (("train", train_set), ("test", test_set))
+    }
+    (train_x, train_y), (test_x, test_y) = features["train"], features["test"]
     knn = 100.0 * weighted_knn_accuracy(
         train_x, train_y, test_x, test_y, info.num_classes, cfg.knn_k, cfg.knn_temperature
     )
