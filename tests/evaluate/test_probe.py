@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from care.cli import main
-from care.evaluate.probe import probe_lr_at, train_linear_probe
+from care.evaluate.probe import probe_lr_at, train_linear_probe, train_linear_probes
 from tests.conftest import tiny
 
 
@@ -78,6 +78,63 @@ def test_adam_probe_is_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
     assert [lr for _, lr in seen] == [1e-3] * 3
     assert isinstance(seen[0][0], torch.optim.Adam)
     assert seen[0][0].param_groups[0]["weight_decay"] == 1e-6
+
+
+def _reference_probe(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    seed: int,
+    opt: str,
+) -> tuple[float, torch.Tensor]:
+    """One seed's probe as a plain loop: nn.Linear, torch's optimiser, mean cross-entropy."""
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+    x, test_x = (x - mean) / std, (test_x - mean) / std
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    layer = torch.nn.Linear(x.shape[1], 4, dtype=x.dtype)
+    optimizer: torch.optim.Optimizer = (
+        torch.optim.Adam(layer.parameters(), lr=0.05, weight_decay=1e-3)
+        if opt == "adam"
+        else torch.optim.SGD(layer.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    )
+    for _ in range(4):
+        order = torch.randperm(len(x), generator=gen)
+        for start in range(0, len(order), 16):
+            idx = order[start : start + 16]
+            loss = torch.nn.functional.cross_entropy(layer(x[idx]), y[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    with torch.no_grad():
+        accuracy = (layer(test_x).argmax(1) == test_y).double().mean().item()
+    return accuracy, layer.weight.detach()
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_seeds_trained_side_by_side_each_train_as_alone(optimizer: str) -> None:
+    """Three seeds in one batched probe give each seed's plain-loop accuracy (float64), on
+    noisy labels where the seeds disagree, so mixing their batches or their losses would show."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(90, 5, generator=gen, dtype=torch.float64)
+    y = (x[:, 0] + 0.8 * torch.randn(90, generator=gen, dtype=torch.float64) > 0).long()
+    y = y + 2 * (x[:, 1] > 0).long()
+    test_x, test_y = x[60:], y[60:]
+    settings = {"epochs": 4, "lr": 0.05, "weight_decay": 1e-3, "batch_size": 16}
+    batched = train_linear_probes(
+        x[:60], y[:60], test_x, test_y, 4, seeds=[0, 1, 2], optimizer=optimizer, **settings
+    )
+    expected = [_reference_probe(x[:60], y[:60], test_x, test_y, s, optimizer)[0] for s in range(3)]
+    assert batched == expected
+    assert len(set(expected)) > 1  # the seeds do differ
+    alone = [
+        train_linear_probe(
+            x[:60], y[:60], test_x, test_y, 4, seed=s, optimizer=optimizer, **settings
+        )
+        for s in range(3)
+    ]
+    assert alone == expected
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ model selection on test.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -84,17 +84,64 @@ def train_linear_probe(
     ``optimizer`` is ``adam`` or ``sgd`` (momentum 0.9); the lr of epoch ``e`` is
     :func:`probe_lr_at` ``(e, lr, milestones)``.
     """
+    (accuracy,) = train_linear_probes(
+        train_x,
+        train_y,
+        test_x,
+        test_y,
+        num_classes,
+        seeds=(seed,),
+        epochs=epochs,
+        lr=lr,
+        weight_decay=weight_decay,
+        batch_size=batch_size,
+        optimizer=optimizer,
+        milestones=milestones,
+    )
+    return accuracy
+
+
+def train_linear_probes(
+    train_x: Tensor,
+    train_y: Tensor,
+    test_x: Tensor,
+    test_y: Tensor,
+    num_classes: int,
+    *,
+    seeds: Sequence[int],
+    epochs: int,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-6,
+    batch_size: int = 256,
+    optimizer: str = "adam",
+    milestones: Sequence[int] = (),
+    on_epoch: Callable[[], None] | None = None,
+) -> list[float]:
+    """:func:`train_linear_probe` for each of ``seeds``, trained side by side.
+
+    Seed ``s`` gets its own initial classifier (``nn.Linear`` after ``torch.manual_seed(s)``)
+    and its own order of the training samples; the classifiers are stacked into one ``(K, d, C)``
+    weight and each step is one batched matmul over the seeds. Adam and SGD act elementwise and
+    the loss is the sum of the seeds' mean losses, so every seed trains exactly as it would
+    alone, in a third of the Python steps for three seeds. ``on_epoch`` is called after each epoch.
+    """
     mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
     train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    classifier = nn.Linear(train_x.shape[1], num_classes)
+    orders, weights, biases = [], [], []
+    for seed in seeds:
+        orders.append(torch.Generator().manual_seed(seed))
+        torch.manual_seed(seed)
+        layer = nn.Linear(train_x.shape[1], num_classes, dtype=train_x.dtype)
+        weights.append(layer.weight.detach().T)
+        biases.append(layer.bias.detach()[None])
+    weight = nn.Parameter(torch.stack(weights))  # (K, d, C)
+    bias = nn.Parameter(torch.stack(biases))  # (K, 1, C)
     opt: torch.optim.Optimizer
     if optimizer == "adam":
-        opt = torch.optim.Adam(classifier.parameters(), lr=lr, weight_decay=weight_decay)
+        opt = torch.optim.Adam([weight, bias], lr=lr, weight_decay=weight_decay)
     elif optimizer == "sgd":
         opt = torch.optim.SGD(
-            classifier.parameters(),
+            [weight, bias],
             lr=lr,
             momentum=PROBE_MOMENTUM,
             nesterov=False,
@@ -108,42 +155,50 @@ def train_linear_probe(
     for epoch in range(epochs):
         for group in opt.param_groups:
             group["lr"] = probe_lr_at(epoch, lr, milestones)
-        order = torch.randperm(train_x.shape[0], generator=gen)
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            loss = nn.functional.cross_entropy(classifier(train_x[idx]), labels[idx])
+        order = torch.stack([torch.randperm(train_x.shape[0], generator=g) for g in orders])
+        for start in range(0, order.shape[1], batch_size):
+            idx = order[:, start : start + batch_size]  # (K, B): each seed's own batch
+            logits = torch.baddbmm(bias, train_x[idx], weight)  # (K, B, C)
+            loss = (
+                nn.functional.cross_entropy(
+                    logits.flatten(0, 1), labels[idx].flatten(), reduction="sum"
+                )
+                / idx.shape[1]
+            )  # the sum over seeds of each seed's mean loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+        if on_epoch is not None:
+            on_epoch()
     with torch.no_grad():
-        predicted = classifier(test_x).argmax(1)
-    return (predicted == test_y.long()).float().mean().item()
+        predicted = torch.baddbmm(bias, test_x.expand(len(seeds), -1, -1), weight).argmax(2)
+    return (predicted == test_y.long()).double().mean(1).tolist()
 
 
 def linear_probe(
     train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, num_classes: int, cfg: Config
 ) -> LinearProbeResult:
     """The probe over ``cfg.probe_seeds`` seeds: mean ± std of test accuracy (in %)."""
-    accuracies: list[float] = []
     with Progress(transient=True) as progress:
-        task = progress.add_task("linear probe", total=cfg.probe_seeds)
-        for seed in range(cfg.probe_seeds):
-            accuracy = train_linear_probe(
+        task = progress.add_task(f"linear probe ({cfg.probe_seeds} seeds)", total=cfg.probe_epochs)
+        accuracies = [
+            100.0 * accuracy
+            for accuracy in train_linear_probes(
                 train_x,
                 train_y,
                 test_x,
                 test_y,
                 num_classes,
+                seeds=range(cfg.probe_seeds),
                 epochs=cfg.probe_epochs,
                 lr=cfg.probe_lr,
                 weight_decay=cfg.probe_weight_decay,
                 batch_size=cfg.probe_batch_size,
-                seed=seed,
                 optimizer=cfg.probe_optimizer,
                 milestones=cfg.probe_milestones,
+                on_epoch=lambda: progress.advance(task),
             )
-            accuracies.append(100.0 * accuracy)
-            progress.advance(task)
+        ]
     std = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
     return LinearProbeResult(
         statistics.fmean(accuracies),
