@@ -26,8 +26,9 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 from care.config import Config, load_config
-from care.data import DataInfo, EpochSampler, TensorImages, make_loader
+from care.data import DataInfo, EpochSampler, make_loader
 from care.methods import ContrastiveMethod, build_method
+from tests.train.helpers import bare_trainer, noise_images
 
 INFO = DataInfo(channels=1, image_size=16, mean=(0.5,), std=(0.25,), num_classes=10)
 
@@ -97,31 +98,11 @@ def main(out: Path, method: str, *extra: str) -> None:
             *extra,
         ],
     )
-    gen = torch.Generator().manual_seed(0)
-    images = TensorImages(
-        torch.randint(0, 256, (32, 1, 16, 16), generator=gen, dtype=torch.uint8),
-        torch.arange(32) % 10,
-        name="noise",
-        num_classes=10,
-        mean=INFO.mean,
-        std=INFO.std,
-    )
+    images = noise_images(32, INFO)
     torch.manual_seed(0)
     capture = CaptureGradients(cfg)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
-        max_steps=1,
-        precision="32-true",
-        logger=False,
-        callbacks=[capture],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
+    trainer = bare_trainer(
+        devices=2, strategy="ddp", max_steps=1, precision="32-true", callbacks=[capture]
     )
     sampler = EpochSampler(len(images), cfg.seed, trainer.global_rank, trainer.world_size)
     trainer.fit(build_method(cfg, INFO), make_loader(images, cfg, sampler))

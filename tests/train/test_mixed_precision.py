@@ -9,7 +9,6 @@ import json
 import math
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 from lightning.pytorch.plugins import MixedPrecision
@@ -17,11 +16,12 @@ from safetensors.torch import load_file
 
 from care.cli import main
 from care.config import load_config
-from care.data import DataInfo, EpochSampler, TensorImages, make_loader
+from care.data import DataInfo, EpochSampler, make_loader
 from care.evaluate.features import extract_features
 from care.methods import ContrastiveMethod, build_method
 from tests.conftest import tiny
 from tests.data.test_cifar import write_cifar10
+from tests.train.helpers import bare_trainer, noise_images
 
 METHODS = {
     "simclr": ("method=simclr",),
@@ -112,15 +112,7 @@ def test_probe_and_equivariance_of_a_bf16_run(
 
 def test_features_are_computed_at_the_precision_asked_for() -> None:
     info = DataInfo(channels=3, image_size=16, mean=(0.5,) * 3, std=(0.25,) * 3, num_classes=2)
-    images = torch.randint(0, 256, (8, 3, 16, 16), generator=torch.Generator().manual_seed(0))
-    data = TensorImages(
-        images.to(torch.uint8),
-        torch.arange(8) % 2,
-        name="noise",
-        num_classes=2,
-        mean=info.mean,
-        std=info.std,
-    )
+    data = noise_images(8, info)
     torch.manual_seed(0)
     backbone = build_method(load_config(None, ["widths=[4,4,8,8]"]), info).encoder.backbone
     full, labels = extract_features(backbone, data, info, precision="32")
@@ -133,29 +125,9 @@ def test_features_are_computed_at_the_precision_asked_for() -> None:
 # ------------------------------------------------------------- fp16 and its gradient scaler
 
 
-def _one_step(method: ContrastiveMethod, plugin: MixedPrecision | None, channels: int) -> None:
-    gen = torch.Generator().manual_seed(0)
-    images = TensorImages(
-        torch.randint(0, 256, (32, channels, 16, 16), generator=gen, dtype=torch.uint8),
-        torch.arange(32) % 10,
-        name="noise",
-        num_classes=10,
-        mean=method.data.mean,
-        std=method.data.std,
-    )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=1,
-        plugins=[plugin] if plugin else None,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-    )
+def _one_step(method: ContrastiveMethod, plugin: MixedPrecision | None) -> None:
+    images = noise_images(32, method.data)
+    trainer = bare_trainer(max_steps=1, plugins=[plugin] if plugin else None)
     sampler = EpochSampler(len(images), method.cfg.seed)
     trainer.fit(method, make_loader(images, method.cfg, sampler))
 
@@ -186,7 +158,7 @@ def test_fp16_with_its_gradient_scaler_steps_like_fp32(name: str, channels: int)
         # (a small initial scale: at torch's 65536 the first steps overflow and are skipped)
         scaler = torch.amp.GradScaler("cpu", init_scale=256.0) if precision == "16-mixed" else None
         plugin = MixedPrecision("16-mixed", "cpu", scaler) if scaler else None
-        _one_step(method, plugin, channels)
+        _one_step(method, plugin)
         if scaler is not None:
             assert scaler.get_scale() == 256.0  # it scaled every backward; no step was skipped
         updates[precision] = {
