@@ -22,8 +22,8 @@ Python line that caused it is kept. Around the same steps it reads the peak of
 device then (Lightning moves it before that hook), so the pinned copy of the batch is not counted.
 
 Then, without Lightning, it compares the peak memory of one step with one backward against the
-split backward of ``method.early_backward`` (one backward per pair of views), where the method has
-it, with a plain SGD optimiser.
+split backward of ``method.early_backward`` (one backward per pair of views), with a plain SGD
+optimiser.
 
 On the CPU (``accelerator=cpu``, as ``GPU_CHECK_SMOKE=1`` runs it) the same code runs, but there is
 no sync debug mode and no CUDA memory statistics: those figures are null.
@@ -195,13 +195,13 @@ def trainer_steps(
     import torch
 
     from care.data import EpochSampler, TensorImages, make_loader
-    from care.hardware import device_type
+    from care.hardware import configure_backends, device_type, resolve
     from care.methods import build_method
 
     tp = _tools()
     cfg0 = tp.load_config(None, overrides)
     device = torch.device(device_type(cfg0.accelerator))
-    cfg = tp.resolved_config(overrides, device)
+    cfg = resolve(tp.load_config(None, overrides))
     channels, size = synthetic
     info = tp.synthetic_info(channels, size)
     steps = warmup + measure + 1  # the last step may log (should_stop): it is not measured
@@ -216,7 +216,8 @@ def trainer_steps(
         std=info.std,
     )
     L.seed_everything(cfg.seed, verbose=False)
-    method = tp.prepare_method(build_method(cfg, info), cfg)
+    configure_backends(cfg)
+    method = build_method(cfg, info)
     cuda = device.type == "cuda"
     log_every = steps + 100  # no measured step is a logging step
     probe = step_probe(warmup, measure, cuda, log_every)
@@ -242,7 +243,6 @@ def trainer_steps(
     result: dict[str, Any] = {
         "precision": cfg.precision,
         "memory_format": cfg.memory_format,
-        "early_backward_method": hasattr(method, "early_backward"),
         "steps": measured,
         "sync_debug": cuda,
     }
@@ -262,23 +262,23 @@ def manual_peaks(overrides: list[str], synthetic: tuple[int, int], warmup: int) 
     ``method.early_backward`` (plain loop, SGD), each after ``warmup`` steps of its own."""
     import torch
 
-    from care.hardware import autocast_for, device_type
+    from care.hardware import autocast_for, configure_backends, device_type, resolve
     from care.methods import build_method
 
     tp = _tools()
     device = torch.device(device_type(tp.load_config(None, overrides).accelerator))
-    cfg = tp.resolved_config(overrides, device)
+    cfg = resolve(tp.load_config(None, overrides))
     channels, size = synthetic
     info = tp.synthetic_info(channels, size)
-    method = tp.prepare_method(build_method(cfg, info), cfg).to(device).train()
+    configure_backends(cfg)
+    method = build_method(cfg, info).to(device).train()
     optimizer = torch.optim.SGD(method.parameters(), lr=0.01)
     gen = torch.Generator().manual_seed(1)
     shape = (cfg.batch_size, channels, size, size)
     batch = torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8).to(device)
-    split = getattr(method, "early_backward", None)
-    modes = {"one_backward": None, "early_backward": split} if split else {"one_backward": None}
+    modes = {"one_backward": None, "early_backward": method.early_backward}
     cuda = device.type == "cuda"
-    result: dict[str, Any] = {"early_backward": "available" if split else "missing"}
+    result: dict[str, Any] = {}
     for mode, early in modes.items():
         peak = None
         for i in range(warmup + 1):
@@ -680,13 +680,10 @@ def report_rows(
                     if "error" in manual:
                         memory += f"; plain loop FAILED: {manual['error']}"
                     else:
-                        memory += f"; plain loop, one backward {_gib(manual.get('one_backward_peak_bytes'))}"
-                        if manual.get("early_backward") == "available":
-                            memory += (
-                                f", early_backward {_gib(manual.get('early_backward_peak_bytes'))}"
-                            )
-                        else:
-                            memory += ", early_backward missing on this method"
+                        memory += (
+                            f"; plain loop, one backward {_gib(manual.get('one_backward_peak_bytes'))}"
+                            f", early_backward {_gib(manual.get('early_backward_peak_bytes'))}"
+                        )
                 rows.append(("4 peak memory", label, memory))
         if failed("gpu_step") and not any(
             "FAILED" in r[2] for r in rows if r[0] in ("3 syncs", "4 peak memory")

@@ -52,14 +52,14 @@ import torch
 from rich.progress import track
 
 from care.augment import tune_malloc
-from care.config import Config, load_config, with_overrides
+from care.config import Config, load_config
 from care.data import DataInfo, data_info, load_split
 from care.hardware import (
     autocast_for,
     configure_backends,
-    memory_format_of,
-    resolve_memory_format,
-    resolve_precision,
+    device_type,
+    resolve,
+    torch_memory_format,
 )
 from care.methods import ContrastiveMethod, Views, build_method
 
@@ -111,22 +111,6 @@ def view_count(method: ContrastiveMethod) -> int:
     return 4 if method.uses_groups and not method.shares_views else 2
 
 
-def resolved_config(overrides: list[str], device: torch.device) -> Config:
-    """The config of ``overrides`` with ``precision`` and ``memory_format=auto`` resolved for
-    ``device``, as ``care pretrain`` resolves them before a run."""
-    cfg = load_config(None, overrides)
-    precision = resolve_precision(cfg.precision, device.type)
-    memory_format = resolve_memory_format(cfg.memory_format, device.type)
-    return with_overrides(cfg, {"precision": precision, "memory_format": memory_format})
-
-
-def prepare_method(method: ContrastiveMethod, cfg: Config) -> ContrastiveMethod:
-    """The global switches and the weights' memory format of ``cfg`` applied, as for a run
-    (channels_last weights make cuDNN run the convolutions in NHWC)."""
-    configure_backends(cfg)
-    return method.to(memory_format=memory_format_of(cfg))
-
-
 def synthetic_info(channels: int, size: int) -> DataInfo:
     """What the method needs to know of random images of ``channels`` × ``size`` px."""
     return DataInfo(channels, size, (0.5,) * channels, (0.25,) * channels, num_classes=10)
@@ -137,7 +121,7 @@ class Bench:
 
     ``synthetic=(channels, size)`` uses random uint8 images instead of the configured dataset
     (e.g. 3×32 for a CIFAR-sized benchmark on a machine without CIFAR). ``early_backward``: split
-    the backward as the method's ``early_backward`` allows, where it has one.
+    the backward as the method's ``early_backward`` allows.
     """
 
     def __init__(
@@ -147,7 +131,7 @@ class Bench:
         synthetic: tuple[int, int] | None,
         early_backward: bool = True,
     ) -> None:
-        cfg = self.cfg = resolved_config(overrides, device)
+        cfg = self.cfg = resolve(load_config(None, overrides))  # as `care pretrain` does
         if synthetic is None:
             dataset = load_split(cfg, "pretrain")
             info = data_info(cfg, dataset)
@@ -159,11 +143,12 @@ class Bench:
             shape = (cfg.batch_size, channels, size, size)
             batch = torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8)
         self.device, self.batch = device, batch.to(device)
-        self.method = prepare_method(build_method(cfg, info), cfg).to(device).train()
+        configure_backends(cfg)  # the method holds its weights in cfg's memory format already
+        self.method = build_method(cfg, info).to(device).train()
         self.optimizer = torch.optim.Adam(self.method.parameters(), lr=cfg.lr)
         self.views = view_count(self.method)
         self.early_backward: Callable[..., AbstractContextManager[object]] | None = (
-            getattr(self.method, "early_backward", None) if early_backward else None
+            self.method.early_backward if early_backward else None
         )
         # The forward phase is the time spent inside the encoders (queries and MoCo's keys);
         # the split backward calls made inside compute_losses are timed apart.
@@ -179,7 +164,7 @@ class Bench:
         # same passes of 2 views each.
         self.images = torch.randn(
             2 * cfg.batch_size, info.channels, info.image_size, info.image_size, device=device
-        ).contiguous(memory_format=memory_format_of(cfg))
+        ).contiguous(memory_format=torch_memory_format(cfg.memory_format))
         keys = (*PHASES, "backbone_only", "faults", "unsynced_step")
         self.times: dict[str, list[float]] = {k: [] for k in keys}
 
@@ -339,7 +324,7 @@ def main() -> None:
             warmup = int(value)
         else:
             overrides.append(item)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device_type(load_config(None, overrides).accelerator))
     tuned = False if args.no_tune_malloc else tune_malloc()  # as the `care` command does
     torch.manual_seed(0)
     shape = parse_shape(args.synthetic) if args.synthetic else None
@@ -357,7 +342,7 @@ def main() -> None:
     )
     configs = {}
     for setting in settings:
-        cfg = configs[setting] = resolved_config([*overrides, *setting.split()], device)
+        cfg = configs[setting] = resolve(load_config(None, [*overrides, *setting.split()]))
         rows = {name: results[_label(name, setting, settings)] for name in variants}
         split = sorted({bool(r["early_backward"]) for r in rows.values()})
         print(

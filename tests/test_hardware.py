@@ -19,12 +19,12 @@ from care.hardware import (
     autocast_off,
     configure_backends,
     evaluation_precision,
-    memory_format_of,
     requested_precision,
     resolve,
     resolve_memory_format,
     resolve_precision,
     runs_natively,
+    torch_memory_format,
 )
 from tests.conftest import fails_with_one_line, tiny
 
@@ -112,9 +112,9 @@ def test_resolve_fills_both_auto_settings_and_nothing_else(native_bf16_cpu: None
     assert (resolved.precision, resolved.memory_format) == ("bf16-mixed", "channels_last")
     assert resolved.lr == 0.1 and cfg.precision == "auto"  # a new config; the old one kept
     assert resolve(resolved) is resolved
-    assert memory_format_of(resolved) is torch.channels_last
+    assert torch_memory_format(resolved.memory_format) is torch.channels_last
     with pytest.raises(ValueError, match="resolved first"):
-        memory_format_of(cfg)
+        torch_memory_format(cfg.memory_format)
 
 
 def test_evaluation_uses_the_runs_precision_where_it_runs_natively(

@@ -9,9 +9,9 @@ accelerator the run will use (:func:`resolve`): the resolved values are what ``c
   them oneDNN emulates bf16, many times slower than float32.
 - ``memory_format=auto`` is ``channels_last`` on CUDA (tensor-core convolutions read NHWC; it is
   NVIDIA's and PyTorch's advice for mixed precision) and on x86 CPUs with AVX2 or AVX-512, where
-  oneDNN's NHWC convolutions made a CPU-preset step 1.3x faster in fp32 and 1.2x in bf16
-  (docs/benchmarks.md), and ``contiguous`` elsewhere (other CPUs, MPS), where it was not
-  measured.
+  oneDNN's NHWC convolutions made a CPU-preset step faster in fp32 and in bf16
+  (``benchmarks/throughput.py --compare``, figures in docs/benchmarks.md), and ``contiguous``
+  elsewhere (other CPUs, MPS), where it was not measured.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ __all__ = [
     "cpu_has_native_bf16",
     "device_type",
     "evaluation_precision",
-    "memory_format_of",
     "requested_precision",
     "resolve",
     "resolve_memory_format",
@@ -171,11 +170,6 @@ def resolve(cfg: Config) -> Config:
     if (precision, memory_format) == (cfg.precision, cfg.memory_format):
         return cfg
     return with_overrides(cfg, {"precision": precision, "memory_format": memory_format})
-
-
-def memory_format_of(cfg: Config) -> torch.memory_format:
-    """The torch memory format of a resolved ``cfg.memory_format``."""
-    return torch_memory_format(cfg.memory_format)
 
 
 def torch_memory_format(name: str) -> torch.memory_format:

@@ -31,7 +31,7 @@ from care.config import Config
 from care.data import DataInfo
 from care.distributed import any_rank, gather_with_grad, rank_and_world
 from care.errors import CareError
-from care.hardware import memory_format_of, resolve
+from care.hardware import resolve, torch_memory_format
 from care.losses import InfoNCETerms, equivariance_loss, info_nce_terms
 from care.methods.optim import build_optimizer
 from care.models import build_encoder
@@ -123,7 +123,7 @@ class ContrastiveMethod(L.LightningModule):
         self.automatic_optimization = False
         self.cfg = cfg = resolve(cfg)
         self.data = data
-        self.memory_format = memory_format_of(cfg)
+        self.memory_format = torch_memory_format(cfg.memory_format)
         self.encoder = build_encoder(cfg, data.channels)
         self.encoder.to(memory_format=self.memory_format)  # type: ignore[call-overload]
         self.augmenter = build_augmenter(cfg, data)
