@@ -204,3 +204,21 @@ def test_features() -> None:
     expected = [0.125, 0.5, 0.35, 0.325, 1, 1.2, 1, 1, -0.05, 1, 1.5]
     torch.testing.assert_close(f[1], torch.tensor(expected))
     assert not math.isnan(sample_params(64, AugmentRecipe(), gen()).features().sum().item())
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_pack_and_unpack_give_back_the_record(channels: int) -> None:
+    """The one tensor a record travels to the device as (AugParams.to) holds every field exactly:
+    bools, the op order and the float factors, in their dtypes."""
+    recipe = AugmentRecipe.for_channels(channels)
+    params = sample_params(12, recipe, gen(4), group_size=4)
+    packed = params.pack()
+    assert packed.shape == (12, 16) and packed.dtype == torch.float32
+    back = AugParams.unpack(packed)
+    assert_params_equal(back, params)
+    assert {k: v.dtype for k, v in back.as_dict().items()} == {
+        k: v.dtype for k, v in params.as_dict().items()
+    }
+    assert params.to("cpu") is params  # already there: no copy
+    with pytest.raises(CareError, match=r"expected shape \(B, 16\)"):
+        AugParams.unpack(packed[:, :15])
