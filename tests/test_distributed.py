@@ -229,3 +229,16 @@ def test_ddp_syncs_the_gradients_of_a_backward_per_pair_once(
         n for n in names if not torch.allclose(ranks[0][f"local/{n}"], ranks[1][f"local/{n}"])
     ]
     assert len(differ) > len(names) // 2
+
+
+def test_two_process_run_in_bf16_and_channels_last(fake_fmnist: Path, tmp_path: Path) -> None:
+    """The GPU user's settings on 2 gloo processes: bf16 autocast, NHWC, care with separate views
+    (a backward per pair under DDP)."""
+    out = tmp_path / "bf16"
+    extra = ("epochs=1", "precision=bf16-mixed", "memory_format=channels_last", "method=care")
+    done = _run(_pretrain_command(fake_fmnist, out, *extra, "views=separate"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["precision"], summary["memory_format"]) == ("bf16-mixed", "channels_last")
+    assert summary["world_size"] == 2 and summary["steps"] == 128 // 32
+    assert summary["final_knn_acc"] is not None
