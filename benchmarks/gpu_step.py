@@ -60,8 +60,13 @@ PHASES = ("augment", "forward", "loss", "backward")  # as benchmarks/throughput.
 
 
 def short_location(filename: str, lineno: int) -> str:
-    """``.../care/methods/base.py:123`` → ``care/methods/base.py:123``."""
-    parts = Path(filename).parts
+    """``<checkout>/src/care/methods/base.py:123`` → ``src/care/methods/base.py:123`` (relative to
+    this checkout, whatever its folder is called); ``.../site-packages/torch/x.py:5`` →
+    ``torch/x.py:5``."""
+    path = Path(filename).resolve()
+    if path.is_relative_to(ROOT):
+        return f"{path.relative_to(ROOT).as_posix()}:{lineno}"
+    parts = path.parts
     for anchor in ("care", "lightning", "torch"):
         if anchor in parts:
             i = len(parts) - 1 - parts[::-1].index(anchor)
