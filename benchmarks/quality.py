@@ -16,7 +16,9 @@ Settings after the options (`train_samples=20000 epochs=3`, the default budget) 
 and name its folder, --out/<budget>. After every stage the report covers every finished run in that
 folder, whichever stage made it: quality.md has one row per method and λ (mean ± std over its
 pretraining seeds), quality.json the per-run figures, quality.png the probe and W_f ÷ invariance
-bars, lambda_sweep.png the care runs of seed 0 against λ.
+bars, lambda_sweep.png the care runs of seed 0 against λ. The script holds the budget folder's lock
+(`.care.lock`, see care.runs.RunLock) while it runs: a second quality.py on the same folder is
+refused while the first one lives.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from care.errors import CareError
+from care.runs import RunLock
 
 #: Method variants of the main comparison: name → config overrides.
 VARIANTS: dict[str, list[str]] = {
@@ -333,13 +338,20 @@ def main() -> None:
         "precision": precision_runs,
     }
     chosen = [] if args.stage == "report" else stages[args.stage]
-    for run in chosen:
-        baseline = root / run_name("simclr", None, run.seed)
-        if run.variant != "simclr":
-            execute(Run(baseline.name, "simclr", run.seed, VARIANTS["simclr"]), root, None, budget)
-        execute(run, root, baseline, budget)
-
-    write_report(root, budget)
+    try:
+        # One script per budget folder: every stage writes runs and the report into it. Each
+        # `care pretrain` locks its own run folder inside it.
+        with RunLock(root, "benchmarks/quality.py", hint="choose another --out"):
+            for run in chosen:
+                baseline = root / run_name("simclr", None, run.seed)
+                if run.variant != "simclr":
+                    simclr = Run(baseline.name, "simclr", run.seed, VARIANTS["simclr"])
+                    execute(simclr, root, None, budget)
+                execute(run, root, baseline, budget)
+            write_report(root, budget)
+    except CareError as exc:  # as `care` reports it: one line, status 2
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def discover(root: Path) -> list[dict[str, Any]]:

@@ -48,6 +48,7 @@ def test_three_variants_trained_probed_and_compared(ablation: Path) -> None:
     assert "inv" not in payload["variants"]["equi_unif"]["final_losses"]
     table = (ablation / "ablation.md").read_text()
     assert table.count("\n| ") == 4  # header and three rows
+    assert not list(ablation.rglob(".care.lock*"))  # every lock was released
     assert (ablation / "ablation.png").stat().st_size > 5000
     assert not list(ablation.rglob("*.tmp"))
 

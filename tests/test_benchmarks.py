@@ -18,6 +18,7 @@ from types import ModuleType
 
 from care.hardware import resolve_memory_format
 from tests.conftest import tiny
+from tests.test_run_lock import fake_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = ["widths=[4,4,8,8]", "head_hidden=16", "head_out=8", "group_size=8", "precision=32"]
@@ -123,6 +124,32 @@ def test_quality_trains_probes_measures_and_reports(tmp_path: Path, fake_fmnist:
     table = (folder / "quality.md").read_text()
     assert "| simclr | 1 |" in table and "| care-shared λ=0.1 | 1 |" in table
     assert (folder / "quality.png").stat().st_size > 5000
+
+
+def test_quality_refuses_a_budget_folder_in_use(tmp_path: Path) -> None:
+    out = tmp_path / "quality"
+    folder = out / "epochs1"  # the budget folder of `epochs=1` (quality.budget_tag)
+    command = [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--stage", "report"]
+    command += ["--out", str(out), "epochs=1"]
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    try:
+        fake_lock(folder, holder.pid, command="benchmarks/quality.py")
+        refused = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert refused.returncode == 2, refused.stdout[-2000:] + refused.stderr[-2000:]
+    error = refused.stderr.strip()
+    assert "\n" not in error and "Traceback" not in error, error
+    assert error.startswith(
+        f"error: {folder} is in use by benchmarks/quality.py (pid {holder.pid} on host "
+    ), error
+    assert error.endswith("wait for it, stop it, or choose another --out"), error
+    # the holder is gone (killed): its lock is stale, and the script runs
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"no finished runs in {folder} yet" in done.stdout
+    assert list(folder.iterdir()) == []
 
 
 def _benchmark_module(name: str) -> ModuleType:

@@ -1,15 +1,25 @@
 from __future__ import annotations
 
+import errno
+import io
 import os
 import pickle
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
+import care.runs
 from care.config import load_config
 from care.errors import CareError
 from care.runs import (
+    AtomicCheckpointIO,
     RunDir,
     atomic_torch_save,
     atomic_write_text,
@@ -18,6 +28,7 @@ from care.runs import (
     safe_torch_load,
     save_weights,
 )
+from tests.conftest import tiny
 
 
 class PickleExploit:
@@ -117,3 +128,139 @@ def test_a_moved_run_folder_resumes(tmp_path: Path) -> None:
     run, checkpoint = open_run(cfg)
     assert run.root == tmp_path / "after"
     assert checkpoint == tmp_path / "after" / "checkpoints" / "last.ckpt"
+
+
+def _fail_with(code: int) -> Callable[..., None]:
+    def fail(*args: object, **kwargs: object) -> None:
+        raise OSError(code, os.strerror(code))
+
+    return fail
+
+
+class _FullDisk(io.FileIO):
+    """A file that takes the first 10 bytes of a write, then reports a full disk."""
+
+    def write(self, data: object) -> int:
+        super().write(bytes(data)[:10])  # type: ignore[call-overload]
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+#: How a write may fail: where, and what the error then says after the path.
+WRITE_FAILURES = {
+    "full-disk-on-write": (
+        "fdopen",
+        lambda fd, mode: _FullDisk(fd, mode),
+        "No space left on device (errno 28): free space or choose another out=DIR",
+    ),
+    "full-disk-on-fsync": (
+        "fsync",
+        _fail_with(errno.ENOSPC),
+        "No space left on device (errno 28): free space or choose another out=DIR",
+    ),
+    "quota": (
+        "fsync",
+        _fail_with(errno.EDQUOT),
+        "Disk quota exceeded (errno 122): free space (the disk quota is used up) or choose "
+        "another out=DIR",
+    ),
+    "permissions": (
+        "mkstemp",
+        _fail_with(errno.EACCES),
+        "Permission denied (errno 13): fix the folder's permissions or choose another out=DIR",
+    ),
+    "read-only": (
+        "replace",
+        _fail_with(errno.EROFS),
+        "Read-only file system (errno 30): the file system is read-only: choose another out=DIR",
+    ),
+    "file-size-limit": (
+        "fsync",
+        _fail_with(errno.EFBIG),
+        "File too large (errno 27): the file size limit is too small for it: raise it (ulimit -f)",
+    ),
+}
+
+
+@pytest.mark.parametrize("failure", WRITE_FAILURES)
+def test_a_failed_write_is_one_line_and_keeps_the_old_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: str
+) -> None:
+    where, fail, cause = WRITE_FAILURES[failure]
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    atomic_torch_save({"epoch": 1}, path)
+    before = path.read_bytes()
+    monkeypatch.setattr(tempfile if where == "mkstemp" else os, where, fail)
+    with pytest.raises(CareError) as caught:
+        atomic_torch_save({"epoch": 2, "w": torch.ones(100)}, path)
+    monkeypatch.undo()
+    assert str(caught.value).startswith(f"cannot write {path}: {cause}"), caught.value
+    assert "\n" not in str(caught.value)
+    assert path.read_bytes() == before  # byte-identical, and no temp file left beside it
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
+    assert safe_torch_load(path) == {"epoch": 1}
+
+
+WRITERS: dict[str, Callable[[Path], None]] = {
+    "text": lambda path: atomic_write_text(path, "new"),
+    "weights": lambda path: save_weights(torch.nn.Linear(2, 2), path),
+    "lightning checkpoint": lambda path: AtomicCheckpointIO().save_checkpoint({"a": 2}, path),
+}
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+def test_every_writer_reports_a_full_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, writer: str
+) -> None:
+    path = tmp_path / "file"
+    path.write_bytes(b"old")
+    monkeypatch.setattr(care.runs.os, "fsync", _fail_with(errno.ENOSPC))
+    with pytest.raises(CareError, match=r"^cannot write .*file: No space left on device"):
+        WRITERS[writer](path)
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["file"]
+
+
+def _pretrain(
+    root: Path, out: Path, *extra: str, file_size_limit: int | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`care pretrain` on tiny data in a subprocess, optionally under ``ulimit -f``."""
+
+    def limit_file_size() -> None:  # in the child, before exec
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+        assert file_size_limit is not None
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+
+    return subprocess.run(
+        [sys.executable, "-m", "care", "pretrain", *tiny(root, out, "knn_every=0"), *extra],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        preexec_fn=None if file_size_limit is None else limit_file_size,
+    )
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_and_keeps_the_last_one(
+    fake_fmnist: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    first = _pretrain(fake_fmnist, out)
+    assert first.returncode == 0, first.stderr[-2000:]
+    checkpoint = out / "checkpoints" / "last.ckpt"
+    before = checkpoint.read_bytes()
+    limit = len(before) // 2  # the checkpoint cannot be written; config, metrics and logs can
+    others = [p for p in out.rglob("*") if p.is_file() and p != checkpoint]
+    assert max(p.stat().st_size for p in others) < limit, others
+
+    resumed = _pretrain(fake_fmnist, out, "epochs=2", "resume=true", file_size_limit=limit)
+    assert resumed.returncode == 2, resumed.stderr[-2000:]
+    errors = [line for line in resumed.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, resumed.stderr[-2000:]
+    assert errors[0].startswith("error: cannot write "), errors
+    assert errors[0].split()[3] in (f"{checkpoint}:", f"{checkpoint.resolve()}:"), errors
+    assert "File too large (errno 27)" in errors[0] and "ulimit -f" in errors[0]
+    assert "Traceback" not in resumed.stderr
+    assert checkpoint.read_bytes() == before
+    assert [p.name for p in checkpoint.parent.iterdir()] == ["last.ckpt"]  # no temp file
+    state = safe_torch_load(checkpoint)
+    assert state["epoch"] == 0 and state["global_step"] == 4  # epoch 1's state (4 steps)
+    assert not (out / ".care.lock").exists()

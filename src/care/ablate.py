@@ -9,7 +9,9 @@ Three losses are pretrained from one base config, each into ``<out>/<variant>``,
 Every other setting (data, model, epochs, batch, λ, seed, probe) is shared. The command is
 resumable: a variant whose ``summary.json`` exists is not retrained, one with a checkpoint but no
 summary resumes from it, and a ``probe.json`` newer than the weights (with the same probe settings)
-is reused. It writes ``ablation.json``, ``ablation.md`` and ``ablation.png`` into ``<out>``.
+is reused. It writes ``ablation.json``, ``ablation.md`` and ``ablation.png`` into ``<out>``, and
+holds ``<out>``'s lock (:class:`care.runs.RunLock`) throughout: a second ablation into the same
+folder is refused while the first one lives.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from care.evaluate.probe import probe_run
 from care.hardware import resolve
 from care.methods import method_class
 from care.plots import ablation_bars
-from care.runs import RunDir, atomic_write_json, atomic_write_text
+from care.runs import RunDir, atomic_write_json, atomic_write_text, rank_zero_lock
 from care.train import pretrain
 
 #: Variant name → (method, loss as plain text, loss as matplotlib mathtext).
@@ -305,6 +307,18 @@ def ablate_command(
     configs = {
         name: variant_config(base, name, equi_unif_weight) for name in names
     }  # refuse before training
+    out = Path(base.out)
+    with rank_zero_lock(out, "care ablate"):  # each variant's pretraining locks out/<variant>
+        return _ablate(base, names, configs, console, equi_unif_weight)
+
+
+def _ablate(
+    base: Config,
+    names: list[str],
+    configs: dict[str, Config],
+    console: Console,
+    equi_unif_weight: float,
+) -> dict[str, Any]:
     out = Path(base.out)
     shared = {k: v for k, v in base.to_dict().items() if k not in ("method", "out", "resume")}
 

@@ -5,17 +5,26 @@ and ``head.safetensors`` (the final weights), ``metrics.csv``, ``summary.json`` 
 PNG) per evaluation. Every file is written to a temporary name in the same folder and renamed into
 place, so a run killed at any moment never leaves a half-written file. Checkpoints are read with
 ``weights_only=True``; a run's trained encoder is rebuilt from its config and weights
-(:func:`load_trained_encoder`).
+(:func:`load_trained_encoder`). A write that fails stops the run with one line naming the file and
+the cause, and leaves the previous file as it was. A command that writes into a folder holds its
+lock, ``.care.lock`` (:class:`RunLock`), so that two runs never write into one folder.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import datetime
 import io
 import json
 import os
 import pickle
 import re
+import socket
 import tempfile
+import threading
+import time
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,7 +37,8 @@ from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
 from care.config import Config, config_from_dict, to_yaml, training_differences
-from care.errors import CareError
+from care.distributed import is_global_zero
+from care.errors import CareError, cannot_write, os_error_cause
 from care.models import build_encoder
 
 
@@ -39,19 +49,30 @@ def _umask() -> int:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temp file in the same folder, fsync, rename."""
+    """Write ``data`` to ``path`` atomically: temp file in the same folder, fsync, rename.
+
+    A write that fails (disk full, quota, permissions, read-only disk, file size limit) raises a
+    one-line :class:`CareError` that names ``path``, the cause and the fix
+    (:func:`care.errors.cannot_write`); the temp file is removed and a previous ``path`` is left
+    as it was.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp: str | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; use the usual mode
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise cannot_write(path, exc) from None
         raise
 
 
@@ -213,3 +234,330 @@ def json_ready(value: Any) -> Any:
     if hasattr(value, "item") and callable(value.item):
         return value.item()
     return value
+
+
+# --- One run per folder -------------------------------------------------------------------------
+
+#: Name of the lock file a live command keeps in the folder it writes.
+LOCK_NAME = ".care.lock"
+#: Seconds between two refreshes of the lock file's mtime by its holder (the heartbeat).
+HEARTBEAT_S = 30.0
+#: A lock written on another host whose mtime is older than this (seconds) is stale: its holder
+#: stopped refreshing it (killed, or its node died). Keep it several heartbeats long.
+STALE_AFTER_S = 120.0
+#: An unreadable lock file (empty or cut short: its writer may be between create and write) is
+#: left alone for this many seconds after its last change, then it is stale.
+WRITING_GRACE_S = 5.0
+#: A stale-lock breaker file older than this (seconds) was left by a process killed while it
+#: broke a stale lock (a few system calls), and is removed.
+BREAK_STALE_S = 10.0
+
+
+def process_start_time(pid: int) -> int | None:
+    """Start time of process ``pid`` in clock ticks since boot (field 22 of /proc/PID/stat);
+    None where /proc does not tell (no such process, not Linux)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rpartition(")")[2].split()  # the name (field 2) may hold spaces and ")"
+    try:
+        return int(fields[19])  # fields[0] is field 3
+    except (IndexError, ValueError):
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+@dataclasses.dataclass(frozen=True)
+class LockHolder:
+    """What a lock file says about the process that holds it."""
+
+    pid: int
+    hostname: str
+    command: str
+    started: str
+    process_start: int | None
+    token: str
+
+    @classmethod
+    def parse(cls, text: str) -> LockHolder | None:
+        """The holder in a lock file's text; None for an empty or damaged file."""
+        try:
+            data = json.loads(text)
+            holder = cls(
+                pid=data["pid"],
+                hostname=data["hostname"],
+                command=data["command"],
+                started=data["started"],
+                process_start=data.get("process_start"),
+                token=data["token"],
+            )
+        except (ValueError, KeyError, TypeError):
+            return None
+        if not isinstance(holder.pid, int) or not isinstance(holder.hostname, str):
+            return None
+        return holder
+
+    def since(self) -> str:
+        try:
+            return datetime.datetime.fromisoformat(self.started).strftime("%Y-%m-%d %H:%M:%S")
+        except (TypeError, ValueError):
+            return str(self.started)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Seen:
+    """One reading of the lock file: its holder (None: unreadable), inode and age."""
+
+    holder: LockHolder | None
+    inode: tuple[int, int]
+    age_s: float
+
+
+class RunLock:
+    """``with RunLock(folder, command="care pretrain"):`` — one command at a time in ``folder``.
+
+    The lock is the file ``folder/.care.lock`` (the folder is made if needed; if this lock made
+    it and it is still empty on release, it is removed again). It is created with
+    ``O_CREAT | O_EXCL`` and holds JSON: pid, hostname, command, start time (ISO) and the
+    process start time from ``/proc/PID/stat`` (field 22), so that a reused pid is not taken
+    for the holder. A daemon thread refreshes its mtime every :data:`HEARTBEAT_S` seconds.
+
+    If the file exists, its holder is judged:
+
+    - same host: alive if the pid exists (``os.kill(pid, 0)``; EPERM counts as alive) and its
+      /proc start time is the recorded one;
+    - another host (a shared file system): alive if the file's mtime is less than
+      :data:`STALE_AFTER_S` seconds old;
+    - an unreadable file (empty or damaged: a process killed while writing it, or one writing
+      it right now): left alone while its mtime is less than :data:`WRITING_GRACE_S` seconds
+      old (acquisition waits that long for it to become readable), then stale.
+
+    A live holder is refused with one :class:`CareError` line naming it. A stale lock is taken
+    over: breakers serialise on ``.care.lock.break`` (``O_EXCL``), re-judge the lock there and
+    remove it, then everyone races the ``O_EXCL`` create again, so exactly one process wins.
+    (A breaker file older than :data:`BREAK_STALE_S` s is removed; only a process killed in
+    those few system calls while another one breaks the same lock could let two in.)
+
+    On exit (normal or exception) the heartbeat stops and the file is removed if it is still
+    this lock's. Locks of different folders nest freely (``care ablate`` holds OUT while each
+    variant's pretraining holds OUT/<variant>); a second lock of the same folder is refused even
+    within one process. ``hint`` is the last part of the refusal (how to pick another folder).
+    """
+
+    def __init__(
+        self, folder: str | Path, command: str, hint: str = "choose another out=DIR"
+    ) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_NAME
+        self.breaker = self.folder / f"{LOCK_NAME}.break"
+        self.command, self.hint = command, hint
+        self._fd: int | None = None
+        self._token = ""
+        self._owner_pid = 0
+        self._made_folder = False
+        self._stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self) -> None:
+        """Take the lock, or raise a one-line :class:`CareError` naming the live holder."""
+        if self.held:
+            raise RuntimeError(f"{self.path} is already held by this RunLock")
+        try:
+            self._made_folder = not self.folder.is_dir()
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise cannot_write(self.path, exc) from None
+        deadline = time.monotonic() + max(WRITING_GRACE_S, BREAK_STALE_S) + 10.0
+        while time.monotonic() < deadline:
+            if self._create():
+                self._start_heartbeat()
+                return
+            seen = self._read()
+            if seen is None:  # removed meanwhile: race for it again
+                continue
+            state = self._judge(seen)
+            if state == "alive":
+                assert seen.holder is not None
+                raise CareError(self._busy(seen.holder, seen.age_s))
+            if state == "writing":
+                time.sleep(0.05)
+            else:
+                self._break(seen)
+        raise CareError(
+            f"could not lock {self.folder}: its lock file {self.path} keeps changing; try again, "
+            f"or {self.hint}"
+        )
+
+    def release(self) -> None:
+        """Stop the heartbeat; remove the lock file if it is still this lock's."""
+        if self._fd is None:
+            return
+        self._stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join(timeout=5)
+        fd, self._fd = self._fd, None
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        if os.getpid() != self._owner_pid:  # a forked child leaves its parent's lock alone
+            return
+        seen = self._read()
+        if seen is not None and seen.holder is not None and seen.holder.token == self._token:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+        if self._made_folder:
+            with contextlib.suppress(OSError):
+                self.folder.rmdir()  # only if empty: the run failed before writing anything
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _record(self) -> dict[str, Any]:
+        pid = os.getpid()
+        return {
+            "pid": pid,
+            "hostname": socket.gethostname(),
+            "command": self.command,
+            "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "process_start": process_start_time(pid),
+            "token": uuid.uuid4().hex,
+        }
+
+    def _create(self) -> bool:
+        """Create the lock file with O_EXCL and write this process's record; False if it exists
+        (or if a breaker judged our half-written file stale and removed it)."""
+        flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(self.path, flags, 0o644)
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            raise cannot_write(self.path, exc) from None
+        record = self._record()
+        try:
+            os.write(fd, (json.dumps(record) + "\n").encode())
+            os.fsync(fd)
+            mine = os.fstat(fd)
+            now = os.stat(self.path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):  # remove our half-written file, not another's
+                if os.path.samestat(os.stat(self.path), os.fstat(fd)):
+                    self.path.unlink()
+            os.close(fd)
+            if isinstance(exc, FileNotFoundError):
+                return False
+            raise cannot_write(self.path, exc) from None
+        if (now.st_dev, now.st_ino) != (mine.st_dev, mine.st_ino):  # taken over meanwhile
+            os.close(fd)
+            return False
+        self._fd, self._token, self._owner_pid = fd, record["token"], os.getpid()
+        return True
+
+    def _read(self) -> _Seen | None:
+        """The lock file as it is now; None if there is none."""
+        try:
+            with open(self.path, "rb") as handle:
+                stat = os.fstat(handle.fileno())
+                text = handle.read(65536).decode("utf-8", errors="replace")
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise CareError(
+                f"cannot read the lock file {self.path}: {os_error_cause(exc)}: fix the folder's "
+                f"permissions or {self.hint}"
+            ) from None
+        return _Seen(
+            LockHolder.parse(text), (stat.st_dev, stat.st_ino), time.time() - stat.st_mtime
+        )
+
+    def _judge(self, seen: _Seen) -> str:
+        """``alive``, ``writing`` (unreadable, too young to call stale) or ``stale``."""
+        holder = seen.holder
+        if holder is None:
+            return "writing" if seen.age_s < WRITING_GRACE_S else "stale"
+        if holder.hostname != socket.gethostname():
+            return "alive" if seen.age_s < STALE_AFTER_S else "stale"
+        if not _pid_alive(holder.pid):
+            return "stale"
+        now = process_start_time(holder.pid)
+        if holder.process_start is not None and now is not None and now != holder.process_start:
+            return "stale"  # the pid was reused by another process
+        return "alive"
+
+    def _break(self, judged: _Seen) -> None:
+        """Remove a stale lock file, serialised with other breakers on the breaker file."""
+        flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(self.breaker, flags, 0o644)
+        except FileExistsError:  # another process is breaking it; unless it died doing so
+            with contextlib.suppress(OSError):
+                if time.time() - self.breaker.stat().st_mtime > BREAK_STALE_S:
+                    self.breaker.unlink()
+            time.sleep(0.01)
+            return
+        except OSError as exc:
+            raise cannot_write(self.breaker, exc) from None
+        try:
+            os.close(fd)
+            seen = self._read()  # judge again: it may have been replaced since
+            if seen is not None and seen.inode == judged.inode and self._judge(seen) == "stale":
+                self.path.unlink()
+        finally:
+            with contextlib.suppress(OSError):
+                self.breaker.unlink()
+
+    def _busy(self, holder: LockHolder, age_s: float) -> str:
+        where = f"pid {holder.pid} on host {holder.hostname}, since {holder.since()}"
+        if holder.hostname != socket.gethostname():
+            where += f", alive {age_s:.0f} s ago"
+        return (
+            f"{self.folder} is in use by {holder.command} ({where}): wait for it, stop it, "
+            f"or {self.hint}"
+        )
+
+    def _start_heartbeat(self) -> None:
+        self._stop.clear()
+        self._heartbeat = threading.Thread(
+            target=self._beat, name=f"care-lock-heartbeat {self.folder}", daemon=True
+        )
+        self._heartbeat.start()
+
+    def _beat(self) -> None:
+        """Refresh the lock file's mtime (through our own descriptor: never another's lock)."""
+        while not self._stop.wait(HEARTBEAT_S):
+            fd = self._fd
+            if fd is None:
+                return
+            with contextlib.suppress(OSError):
+                os.utime(fd)
+
+
+def rank_zero_lock(
+    folder: str | Path, command: str, hint: str = "choose another out=DIR"
+) -> contextlib.AbstractContextManager[RunLock | None]:
+    """:class:`RunLock` of ``folder`` on the global-zero process, a no-op on the other ranks
+    (they write nothing there). Call it before the process group exists: the rank is the one the
+    launcher gave (Lightning, torchrun: ``RANK``/``LOCAL_RANK``/``NODE_RANK``; ``srun``, which
+    starts every task itself: ``SLURM_PROCID``)."""
+    if is_global_zero() and os.environ.get("SLURM_PROCID", "0") in ("", "0"):
+        return RunLock(folder, command, hint)
+    return contextlib.nullcontext()
