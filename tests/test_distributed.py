@@ -242,3 +242,25 @@ def test_two_process_run_in_bf16_and_channels_last(fake_fmnist: Path, tmp_path: 
     assert (summary["precision"], summary["memory_format"]) == ("bf16-mixed", "channels_last")
     assert summary["world_size"] == 2 and summary["steps"] == 128 // 32
     assert summary["final_knn_acc"] is not None
+
+
+def test_knn_monitor_on_two_processes_equals_one_and_resume_needs_one_checkpoint(
+    tmp_path: Path,
+) -> None:
+    """tests/train/ddp_eval.py: each rank embeds its shard of the bank and test images (37 and
+    23, so the shards are padded); the gathered accuracy is the single-process one on every
+    rank. The resume check names a rank that cannot read rank 0's checkpoint or reads another
+    file, and passes when both read one."""
+    out = tmp_path / "eval"
+    done = _run([sys.executable, "-m", "tests.train.ddp_eval", str(out)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for rank in ranks:
+        assert rank["embedded"].tolist() == [19, 12]  # ceil(37 / 2), ceil(23 / 2): shards
+        assert float(rank["knn"]) == float(ranks[0]["reference"])
+    assert 0.0 < float(ranks[0]["reference"]) < 1.0  # a value that the shards could get wrong
+    for rank in ranks:  # every rank refuses alike, so none is left waiting
+        missing, other, shared = rank["refusals"]
+        assert missing.startswith("rank 1 on host ") and "cannot read" in missing, missing
+        assert "reads another" in other and "shares" in other, other
+        assert shared == ""

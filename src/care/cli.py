@@ -19,7 +19,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from care.errors import CareError
+from care.errors import CareError, RunInterrupted
 
 
 def _quiet_lightning() -> None:
@@ -75,7 +75,7 @@ def _equivariance(args: argparse.Namespace) -> int:
         key, sep, value = item.partition("=")
         if not sep:
             raise CareError(f"bad argument '{item}': write settings as key=value, e.g. trials=20")
-        if key in ("trials", "samples", "compositions", "seed"):
+        if key in ("trials", "samples", "compositions", "seed", "batch_size"):
             if not value.isdigit():
                 raise CareError(f"bad value for '{key}': {value!r}; give a whole number")
             options[key] = int(value)
@@ -83,8 +83,8 @@ def _equivariance(args: argparse.Namespace) -> int:
             options[key] = value
         else:
             raise CareError(
-                f"unknown setting '{key}': use trials, samples, split, layer, compositions, seed "
-                "or precision"
+                f"unknown setting '{key}': use trials, samples, split, layer, compositions, seed, "
+                "precision or batch_size"
             )
     payload = equivariance_command(args.run, args.against, **options)  # type: ignore[arg-type]
     _print_equivariance(payload)
@@ -171,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="*",
         metavar="key=value",
         help="trials=20 samples=2000 split=test layer=projection|backbone "
-        "precision=32|bf16-mixed (default: the run's, where this machine runs it natively)",
+        "precision=32|bf16-mixed (default: the run's, where this machine runs it natively) "
+        "batch_size=256 (images read, augmented and embedded at a time)",
     )
     equi.set_defaults(handler=_equivariance)
 
@@ -222,6 +223,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     tune_malloc()  # serve CPU tensors from the heap and keep it: fewer page faults per step
     try:
         return int(args.handler(args))
+    except RunInterrupted as exc:  # the checkpoint is written: say how to continue
+        from care.distributed import is_global_zero
+
+        if is_global_zero():  # every rank stops; one says so
+            print(exc, file=sys.stderr)
+        return exc.exit_status
     except CareError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -128,6 +128,8 @@ class Config:
     out: str = field(default="runs/care", metadata=UNTRAINED)
     resume: bool = field(default=False, metadata=UNTRAINED)
     log_every: int = field(default=20, metadata=UNTRAINED)  # steps between logged metrics
+    # also write checkpoints/last.ckpt every N training steps (0: at epoch ends only)
+    checkpoint_every_steps: int = field(default=0, metadata=UNTRAINED)
 
     @property
     def form(self) -> str:
@@ -280,6 +282,7 @@ def validate(cfg: Config) -> None:
         "probe_weight_decay",
         "knn_every",
         "num_workers",
+        "checkpoint_every_steps",
     ):
         value = getattr(cfg, key)
         _require(value >= 0, f"bad value for '{key}': {value}; it must not be negative")

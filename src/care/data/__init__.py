@@ -9,7 +9,16 @@ from __future__ import annotations
 
 from care.data.base import DatasetSpec, LabeledImages, TensorImages
 from care.data.folder import FolderImages
-from care.data.loading import DataInfo, EpochSampler, data_info, load_split, make_loader
+from care.data.loading import (
+    DataInfo,
+    EpochSampler,
+    ResumableLoader,
+    ShardSampler,
+    data_info,
+    load_split,
+    make_loader,
+    unshard,
+)
 from care.data.registry import DATASETS, load_dataset, resolve_data_root
 
 __all__ = [
@@ -19,10 +28,13 @@ __all__ = [
     "EpochSampler",
     "FolderImages",
     "LabeledImages",
+    "ResumableLoader",
+    "ShardSampler",
     "TensorImages",
     "data_info",
     "load_dataset",
     "load_split",
     "make_loader",
     "resolve_data_root",
+    "unshard",
 ]

@@ -12,6 +12,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from care.data import unshard
 from care.metrics import weighted_knn_accuracy
 from care.runs import atomic_write_text
 
@@ -19,7 +20,10 @@ from care.runs import atomic_write_text
 class KNNMonitor(Callback):
     """Online weighted-kNN accuracy of backbone features, once per validation epoch.
 
-    Validation loader 0 is the labelled bank (training images), loader 1 the test split.
+    Validation loader 0 is the labelled bank (training images), loader 1 the test split. On
+    several processes each rank embeds its
+    :class:`care.data.ShardSampler` shard of both; the shards are all-gathered and put back in
+    dataset order, so every rank computes the single-process accuracy.
     """
 
     def __init__(self, num_classes: int, k: int, temperature: float) -> None:
@@ -40,13 +44,22 @@ class KNNMonitor(Callback):
     ) -> None:
         self.outputs[dataloader_idx].append(outputs)
 
+    def gathered(self, pl_module: L.LightningModule, loader: int) -> dict[str, torch.Tensor]:
+        """Features and labels of every image of ``loader``, in dataset order, on every rank."""
+        mine = {k: torch.cat([o[k] for o in self.outputs[loader]]) for k in ("features", "labels")}
+        trainer = pl_module.trainer
+        if trainer.world_size == 1:
+            return mine
+        loaders = trainer.val_dataloaders
+        assert isinstance(loaders, list)
+        size = len(loaders[loader].dataset)
+        gathered = {k: pl_module.all_gather(v) for k, v in mine.items()}
+        return {k: unshard(v, size) for k, v in gathered.items() if isinstance(v, torch.Tensor)}
+
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.outputs[0] or not self.outputs[1]:
             return
-        bank, test = (
-            {k: torch.cat([o[k] for o in self.outputs[i]]) for k in ("features", "labels")}
-            for i in (0, 1)
-        )
+        bank, test = self.gathered(pl_module, 0), self.gathered(pl_module, 1)
         accuracy = weighted_knn_accuracy(
             bank["features"],
             bank["labels"],
@@ -56,7 +69,7 @@ class KNNMonitor(Callback):
             self.k,
             self.temperature,
         )
-        # Every rank sees the whole validation set, so the value is the same on all of them.
+        # Every rank computed it from all the features, so the value is the same on all of them.
         pl_module.log("val/knn_acc", accuracy, prog_bar=True, sync_dist=True)
         self.outputs = {0: [], 1: []}
 
@@ -102,6 +115,11 @@ class MetricsCSV(Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.flush()
+
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        self.flush()  # the rows up to a checkpoint survive a kill after it
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.writer = trainer.is_global_zero

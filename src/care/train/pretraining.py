@@ -4,20 +4,37 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from torch.utils.data import DataLoader
 
 from care.config import Config
-from care.data import EpochSampler, LabeledImages, data_info, load_split, make_loader
+from care.data import (
+    EpochSampler,
+    LabeledImages,
+    ResumableLoader,
+    data_info,
+    load_split,
+    make_loader,
+)
 from care.errors import CareError
 from care.hardware import configure_backends, cpu_has_native_bf16, resolve
 from care.methods import build_method, method_class, views_label
-from care.runs import AtomicCheckpointIO, RunDir, atomic_write_json, open_run, save_weights
+from care.runs import (
+    AtomicCheckpointIO,
+    RunDir,
+    atomic_write_json,
+    open_run,
+    rank_zero_lock,
+    save_weights,
+)
 from care.train.callbacks import KNNMonitor, MetricsCSV, Throughput
+from care.train.checkpoints import LastCheckpoint, LoaderPosition, SameCheckpointOnEveryRank
 
 
 def pretrain(cfg: Config) -> RunDir:
@@ -34,31 +51,43 @@ def pretrain(cfg: Config) -> RunDir:
             "sync_batchnorm=true needs GPUs (torch's SyncBatchNorm has no CPU kernel): "
             "set sync_batchnorm=false"
         )
+    with rank_zero_lock(cfg.out, "care pretrain"):  # one run per directory
+        return train_into_run(cfg)
+
+
+def train_into_run(cfg: Config) -> RunDir:
+    """:func:`pretrain` of a resolved ``cfg`` whose ``out`` this process holds the lock of."""
     run, resume_from = open_run(cfg)
     images = pretraining_images(cfg)
     info = data_info(cfg, images)
-    monitor = knn_monitor_loaders(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     method = build_method(cfg, info)
     throughput = Throughput(cfg.batch_size * cfg.devices * cfg.num_nodes)
     callbacks: list[Callback] = [
-        last_checkpoint(run),
+        SameCheckpointOnEveryRank(resume_from, run.root),
+        LastCheckpoint(run.last_checkpoint, cfg.checkpoint_every_steps),
+        position := LoaderPosition(),
         MetricsCSV(run.metrics, cfg.log_every),
         throughput,
         TQDMProgressBar(refresh_rate=cfg.log_every),  # it reads the losses: on logging steps
     ]
-    if monitor:
+    monitored = cfg.knn_every > 0
+    if monitored:
         callbacks += knn_callbacks(cfg, run, info.num_classes)
-    trainer = build_trainer(cfg, run, callbacks, monitored=bool(monitor))
+    trainer = build_trainer(cfg, run, callbacks, monitored=monitored)
+    monitor = knn_monitor_loaders(cfg, trainer.global_rank, trainer.world_size)
     if trainer.is_global_zero:  # rank 0 alone writes; Lightning saves checkpoints on rank 0 only
         warn_if_bf16_is_emulated(cfg, trainer)
         run.root.mkdir(parents=True, exist_ok=True)
         run.write_config(cfg)
     sampler = EpochSampler(len(images), cfg.seed, trainer.global_rank, trainer.world_size)
+    loader = make_loader(images, cfg, sampler)
+    assert isinstance(loader, ResumableLoader)
+    position.loader = loader  # the rank's loader needs the trainer first
     started = time.perf_counter()
     trainer.fit(
         method,
-        make_loader(images, cfg, sampler),
+        loader,
         monitor or None,
         ckpt_path=str(resume_from) if resume_from else None,
     )
@@ -105,28 +134,16 @@ def pretraining_images(cfg: Config) -> LabeledImages:
     return images
 
 
-def knn_monitor_loaders(cfg: Config) -> list[DataLoader]:
+def knn_monitor_loaders(cfg: Config, rank: int = 0, world_size: int = 1) -> list[DataLoader]:
     """The online kNN monitor's bank (the first ``knn_bank_samples`` training images) and test
-    split, or none when ``knn_every=0``."""
+    split, this rank's shard of each, or none when ``knn_every=0``."""
     if cfg.knn_every == 0:
         return []
     bank = load_split(cfg, "train")
     if cfg.knn_bank_samples is not None and cfg.knn_bank_samples < len(bank):
         bank = bank.subset(cfg.knn_bank_samples)
-    return [make_loader(bank, cfg), make_loader(load_split(cfg, "test"), cfg)]
-
-
-def last_checkpoint(run: RunDir) -> ModelCheckpoint:
-    """last.ckpt, rewritten at every epoch end (``resume=true`` continues from it)."""
-    # No monitor + save_top_k=1: keep only the latest epoch, always under the name last.ckpt.
-    return ModelCheckpoint(
-        dirpath=run.checkpoints,
-        filename="last",
-        save_top_k=1,
-        every_n_epochs=1,
-        save_on_train_epoch_end=True,
-        enable_version_counter=False,
-    )
+    test = load_split(cfg, "test")
+    return [make_loader(split, cfg, rank=rank, world_size=world_size) for split in (bank, test)]
 
 
 def knn_callbacks(cfg: Config, run: RunDir, num_classes: int) -> list[Callback]:
@@ -147,7 +164,14 @@ def knn_callbacks(cfg: Config, run: RunDir, num_classes: int) -> list[Callback]:
 def build_trainer(
     cfg: Config, run: RunDir, callbacks: list[Callback], *, monitored: bool
 ) -> L.Trainer:
-    """The Lightning Trainer of ``cfg``: devices, precision, logs and checkpoints in ``run``."""
+    """The Lightning Trainer of ``cfg``: devices, precision, logs and checkpoints in ``run``.
+
+    Under SLURM, Lightning's own requeue on SIGUSR1 is off: :class:`LastCheckpoint` writes the
+    run's checkpoint and requeues (:mod:`care.train.signals`).
+    """
+    plugins: list[Any] = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     return L.Trainer(
         max_epochs=cfg.epochs,
         accelerator=cfg.accelerator,
@@ -158,10 +182,11 @@ def build_trainer(
         precision=cfg.precision,  # type: ignore[arg-type]
         logger=TensorBoardLogger(str(run.root), name="tensorboard", version=""),
         callbacks=callbacks,
-        plugins=[AtomicCheckpointIO()],
+        plugins=plugins,
         use_distributed_sampler=False,
         check_val_every_n_epoch=max(1, cfg.knn_every),
         limit_val_batches=1.0 if monitored else 0,
+        enable_checkpointing=monitored,  # best.ckpt; LastCheckpoint writes last.ckpt
         num_sanity_val_steps=0,
         log_every_n_steps=cfg.log_every,
         enable_model_summary=False,
