@@ -117,6 +117,7 @@ def test_settings_that_do_not_change_what_is_learned_are_marked_once() -> None:
         "memory_format",
         "cudnn_benchmark",
         "activation_checkpointing",
+        "checkpoint_every_steps",
     }
     assert {"data_root", "accelerator", "knn_k", "probe_epochs", "probe_lr"} <= set(EVALUATION_KEYS)
     assert {"method", "lr", "epochs", "seed", "weight", "precision", "devices"} <= set(
