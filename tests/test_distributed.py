@@ -264,3 +264,32 @@ def test_knn_monitor_on_two_processes_equals_one_and_resume_needs_one_checkpoint
         assert missing.startswith("rank 1 on host ") and "cannot read" in missing, missing
         assert "reads another" in other and "shares" in other, other
         assert shared == ""
+
+
+def test_sigterm_to_rank_0_stops_both_ranks_after_a_step_and_they_resume(
+    fake_fmnist: Path, tmp_path: Path
+) -> None:
+    """Only the launcher's process (rank 0) gets SIGTERM: the ranks agree after the step (a
+    CPU all-reduce), rank 0 writes the checkpoint, both exit, one line says where it stopped."""
+    out = tmp_path / "stopped"
+    command = _pretrain_command(fake_fmnist, out, "epochs=20", "knn_every=0")
+    command.append("checkpoint_every_steps=2")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env
+    )
+    checkpoint = out / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 180
+    while not checkpoint.is_file() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.1)
+    assert process.poll() is None, "the run ended before the signal"
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=180)
+    assert process.returncode == 128 + signal.SIGTERM, err[-3000:]
+    stopped = [line for line in err.splitlines() if line.startswith("stopped at step")]
+    assert len(stopped) == 1 and stopped[0].endswith("resume with resume=true"), err[-3000:]
+    step = int(stopped[0].split()[3])
+    assert torch.load(checkpoint, weights_only=True)["global_step"] == step
+    resumed = _run([*command, "resume=true"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads((out / "summary.json").read_text())["steps"] == 20 * 4
