@@ -110,7 +110,6 @@ def test_settings_that_do_not_change_what_is_learned_are_marked_once() -> None:
     assert untrained - set(EVALUATION_KEYS) == {
         "out",
         "resume",
-        "num_workers",
         "knn_every",
         "knn_bank_samples",
         "log_every",
@@ -119,7 +118,9 @@ def test_settings_that_do_not_change_what_is_learned_are_marked_once() -> None:
         "activation_checkpointing",
         "checkpoint_every_steps",
     }
-    assert {"data_root", "accelerator", "knn_k", "probe_epochs", "probe_lr"} <= set(EVALUATION_KEYS)
+    assert {"data_root", "accelerator", "knn_k", "probe_epochs", "probe_lr", "num_workers"} <= set(
+        EVALUATION_KEYS
+    )
     assert {"method", "lr", "epochs", "seed", "weight", "precision", "devices"} <= set(
         TRAINING_KEYS
     )

@@ -65,7 +65,7 @@ class Config:
     image_size: int | None = None  # crop output size; None: the dataset's native size
     load_size: int | None = None  # imagefolder: decode size before cropping (default 256)
     crop_min_scale: float = 0.08  # RandomResizedCrop scale lower bound
-    num_workers: int = field(default=0, metadata=UNTRAINED)
+    num_workers: int = field(default=0, metadata=EVALUATION)  # loader workers; `care probe` too
     # method
     method: str = "care"
     views: str = "separate"  # separate: 2 InfoNCE + 2 group-shared views; shared: 2 in all

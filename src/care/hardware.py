@@ -30,6 +30,7 @@ __all__ = [
     "cpu_has_avx2",
     "cpu_has_native_bf16",
     "device_type",
+    "evaluation_device",
     "evaluation_precision",
     "requested_precision",
     "resolve",
@@ -77,6 +78,14 @@ def device_type(accelerator: str) -> str:
         f"{'CUDA GPU' if accelerator in ('gpu', 'cuda') else 'MPS device'} that PyTorch can use): "
         "set accelerator=cpu, or install a PyTorch build for your GPU"
     )
+
+
+def evaluation_device(cfg: Config) -> torch.device:
+    """The device an evaluation (``care probe``, ``care equivariance``) embeds images on: CUDA
+    when ``cfg.accelerator`` allows a GPU (auto, gpu, cuda) and one is available, else the CPU."""
+    if cfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
 
 
 def resolve_precision(precision: str, device: str) -> str:

@@ -196,3 +196,88 @@ def test_measure_reports_the_composition_error_of_b_after_a() -> None:
         )
         assert measured == pytest.approx(expected, rel=1e-9)
         assert measured["composition_error"] > 0.0
+
+
+# ------------------------------------------------------------- batches (memory that scales)
+
+
+@pytest.mark.parametrize("pairs", ["per_batch", "per_image"])
+def test_a_record_applied_batch_by_batch_equals_it_applied_at_once(pairs: str) -> None:
+    # every op (crop, flip, jitter with hue, grayscale, blur) acts on each image alone
+    recipe = AugmentRecipe.for_channels(3, crop_scale=(0.2, 1.0), blur_p=0.9, grayscale_p=0.5)
+    augmenter = Augmenter(recipe, 12, (0.4, 0.5, 0.6), (0.2, 0.25, 0.3))
+    gen = torch.Generator().manual_seed(5)
+    images = torch.randint(0, 256, (23, 3, 16, 16), generator=gen).to(torch.uint8)
+    for _ in range(4):  # several records: some blur, jitter or turn gray
+        if pairs == "per_batch":
+            params = augmenter.sample(23, gen, group_size=23, pairs="per_batch")
+        else:
+            params = augmenter.sample(23, gen)
+        whole = augmenter.apply(images, params)
+        rows = [slice(s, min(s + 5, 23)) for s in range(0, 23, 5)]
+        batched = torch.cat([augmenter.apply(images[r], params.rows(r)) for r in rows])
+        torch.testing.assert_close(batched, whole, rtol=1e-6, atol=1e-6)
+        again = torch.cat([augment_again(augmenter, whole[r], params.rows(r)) for r in rows])
+        torch.testing.assert_close(again, augment_again(augmenter, whole, params))
+
+
+class _Recorder(torch.nn.Module):
+    """Flatten + Linear that records the largest batch it embedded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(64, 5)
+        self.largest = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.largest = max(self.largest, x.shape[0])
+        return self.linear(x.flatten(1))
+
+
+def test_measure_in_batches_equals_measure_at_once() -> None:
+    gen = torch.Generator().manual_seed(2)
+    info = DataInfo(channels=1, image_size=8, mean=(0.5,), std=(0.25,), num_classes=10)
+    torch.manual_seed(0)
+    module = _Recorder()
+    encoder = TrainedEncoder(RunDir("unused"), Config(), info, module, "projection")
+    images = torch.randint(0, 256, (45, 1, 8, 8), generator=gen).to(torch.uint8)
+    settings = {"trials": 3, "compositions": 2, "seed": 3}
+    whole = measure([encoder], images, batch_size=64, **settings)
+    assert module.largest == 45
+    module.largest = 0
+    batched = measure([encoder], images, batch_size=8, **settings)  # 8 does not divide 45
+    assert module.largest == 8  # no pass embeds (or augments) more than a batch
+    assert batched["n"] == whole["n"] == 45
+    _assert_same_numbers(batched["results"], whole["results"], rel=1e-9)
+
+
+def _assert_same_numbers(got: object, expected: object, rel: float) -> None:
+    """Equal structure and strings; floats equal to ``rel``."""
+    if isinstance(expected, dict):
+        assert isinstance(got, dict) and got.keys() == expected.keys()
+        for key in expected:
+            _assert_same_numbers(got[key], expected[key], rel)
+    elif isinstance(expected, list):
+        assert isinstance(got, list) and len(got) == len(expected)
+        for a, b in zip(got, expected, strict=True):
+            _assert_same_numbers(a, b, rel)
+    elif isinstance(expected, float):
+        assert got == pytest.approx(expected, rel=rel, abs=rel), (got, expected)
+    else:
+        assert got == expected
+
+
+def test_care_equivariance_batch_size_does_not_change_the_numbers(
+    two_runs: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    care, _ = two_runs
+    settings = ["trials=2", "samples=50", "compositions=2"]
+    assert main(["equivariance", str(care), *settings, "batch_size=64"]) == 0
+    whole = json.loads((care / "equivariance.json").read_text())
+    assert main(["equivariance", str(care), *settings, "batch_size=16"]) == 0  # 16 ∤ 50
+    batched = json.loads((care / "equivariance.json").read_text())
+    assert batched["n"] == 50
+    _assert_same_numbers(batched, whole, rel=1e-5)
+    capsys.readouterr()
+    assert main(["equivariance", str(care), "batch_size=0"]) == 2
+    assert "batch_size" in capsys.readouterr().err

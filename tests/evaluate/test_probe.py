@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,13 @@ import pytest
 import torch
 
 from care.cli import main
+from care.config import Config
+from care.data import data_info, load_split
+from care.evaluate import probe
+from care.evaluate.features import extract_features
 from care.evaluate.probe import probe_lr_at, train_linear_probe, train_linear_probes
+from care.hardware import evaluation_device
+from care.runs import RunDir, load_trained_encoder
 from tests.conftest import tiny
 
 
@@ -174,3 +181,56 @@ def test_bad_probe_settings_fail_in_one_line(
     assert main(["probe", str(tiny_run), setting, "probe_epochs=1", "probe_seeds=1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and fragment in err, err
+
+
+# ------------------------------------------------------------- feature extraction
+
+
+def test_feature_workers_give_the_same_features(tiny_run: Path) -> None:
+    run = RunDir(tiny_run)
+    cfg = run.read_config()
+    data = load_split(cfg, "test")
+    info = data_info(cfg, data)
+    backbone = load_trained_encoder(run, cfg, info.channels, "backbone")
+    settings: dict[str, Any] = {"batch_size": 24, "device": evaluation_device(cfg)}  # 24 ∤ 64
+    x0, y0 = extract_features(backbone, data, info, num_workers=0, **settings)
+    x2, y2 = extract_features(backbone, data, info, num_workers=2, **settings)
+    assert x0.shape == (len(data), 8)
+    assert y0.tolist() == [data[i][1] for i in range(len(data))]
+    assert torch.equal(x2, x0) and torch.equal(y2, y0)
+
+
+def test_care_probe_reads_with_the_runs_workers(
+    tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace("num_workers: 0", "num_workers: 2"))
+    seen: list[int] = []
+
+    def recording(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        seen.append(kwargs["num_workers"])
+        return extract_features(*args, **kwargs)
+
+    monkeypatch.setattr(probe, "extract_features", recording)
+    assert main(["probe", str(run), "probe_epochs=1", "probe_seeds=1"]) == 0
+    assert seen == [2, 2]  # train and test features
+    assert main(["probe", str(run), "probe_epochs=1", "probe_seeds=1", "num_workers=1"]) == 0
+    assert seen == [2, 2, 1, 1]  # the command line overrides the run's
+    assert main(["probe", str(tiny_run), "probe_epochs=1", "probe_seeds=1"]) == 0
+    with_workers = json.loads((run / "probe.json").read_text())
+    without = json.loads((tiny_run / "probe.json").read_text())
+    assert with_workers["knn"] == without["knn"]
+    assert with_workers["linear"] == without["linear"]
+
+
+def test_evaluation_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert evaluation_device(Config(accelerator="auto")) == torch.device("cpu")
+    assert evaluation_device(Config(accelerator="gpu")) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for accelerator in ("auto", "gpu", "cuda"):
+        assert evaluation_device(Config(accelerator=accelerator)) == torch.device("cuda")
+    assert evaluation_device(Config(accelerator="cpu")) == torch.device("cpu")
+    assert evaluation_device(Config(accelerator="mps")) == torch.device("cpu")

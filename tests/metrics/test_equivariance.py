@@ -29,6 +29,7 @@ from care.metrics import (
     relative_equivariance,
     wahba_error,
 )
+from care.metrics import equivariance as metrics_equivariance
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -380,3 +381,69 @@ def test_group_fit_bad_inputs_raise() -> None:
         group_fit(F, F[:, :4], "minkowski")
     with pytest.raises(ValueError, match="NaN"):
         group_fit(F, F * float("nan"), "minkowski")
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocked pairwise quantities (no n × n matrix held whole)
+# ---------------------------------------------------------------------------------------------
+
+
+def full_matrix_gamma(F: torch.Tensor, F_a: torch.Tensor, eps: float = 1e-12) -> float:
+    """γ_f from whole n × n distance matrices (the naive reference of the blocked code)."""
+    d_orig = torch.cdist(F, F) ** 2
+    d_aug = torch.cdist(F_a, F_a) ** 2
+    disp = ((F_a - F) ** 2).sum(dim=1)
+    den = (disp[:, None] + disp[None, :]) ** 2
+    valid = ~torch.eye(F.shape[0], dtype=torch.bool) & (den > eps)
+    return float((((d_aug - d_orig) ** 2)[valid] / den[valid]).mean())
+
+
+def full_matrix_form_distortion(F: torch.Tensor, F_a: torch.Tensor, form: str) -> float:
+    """The form's distortion from the whole n × n Gram matrices."""
+    J = form_matrix(form, F.shape[1], dtype=torch.float64)
+    gram, gram_a = F @ J @ F.T, F_a @ J @ F_a.T
+    return float(torch.linalg.matrix_norm(gram - gram_a) / torch.linalg.matrix_norm(gram))
+
+
+@pytest.mark.parametrize("form", ["euclidean", "minkowski", "symplectic"])
+def test_blocked_pairwise_metrics_equal_the_full_matrices(form: str) -> None:
+    n, d = 53, 6
+    F = random_embeddings(n, d, seed=71)
+    F_a = F @ random_rotation(d, 72).T + 0.2 * random_embeddings(n, d, seed=73)
+    gamma = full_matrix_gamma(F, F_a)
+    distortion = full_matrix_form_distortion(F, F_a, form)
+    for block in (1, 7, 16, n, 100, None):  # 7 and 16 do not divide 53
+        got = relative_equivariance(F, F_a, block_rows=block)
+        assert got[0] == pytest.approx(gamma, rel=1e-10)
+        assert got[1:] == (n * (n - 1), 0)
+        assert form_distortion(F, F_a, form, block_rows=block) == pytest.approx(
+            distortion, rel=1e-10
+        )
+    with pytest.raises(ValueError, match="block_rows"):
+        form_distortion(F, F_a, form, block_rows=0)
+
+
+def test_default_blocks_split_large_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    # with a budget of 300 pair entries per block, 40 rows go in blocks of 7 (not dividing 40);
+    # the report's γ_f and the form's distortion still equal the whole-matrix values
+    monkeypatch.setattr(metrics_equivariance, "_BLOCK_ELEMENTS", 300)
+    assert metrics_equivariance._row_blocks(40) == range(0, 40, 7)
+    F = random_embeddings(40, 5, seed=81)
+    F_a = F + 0.3 * random_embeddings(40, 5, seed=82)
+    F_a[:2] = F[:2]  # one degenerate pair (both ways)
+    seen: list[tuple[int, ...]] = []
+    matmul = torch.Tensor.__matmul__
+
+    def recording(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        out = matmul(a, b)
+        seen.append(tuple(out.shape))
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", recording)
+    report = equivariance_report(F, F_a)
+    distortion = form_distortion(F, F_a, "euclidean")
+    monkeypatch.undo()
+    assert (40, 40) not in seen and (7, 40) in seen  # n × n products only in row blocks
+    assert report.gamma == pytest.approx(naive_gamma(F, F_a)[0], rel=1e-10)
+    assert (report.gamma_pairs, report.gamma_degenerate_pairs) == (40 * 39 - 2, 2)
+    assert distortion == pytest.approx(full_matrix_form_distortion(F, F_a, "euclidean"), rel=1e-10)

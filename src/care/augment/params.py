@@ -170,6 +170,11 @@ class AugParams:
         """The fields as a ``{name: tensor}`` dict (e.g. for saving with safetensors)."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
+    def rows(self, index: slice) -> AugParams:
+        """The records of rows ``index`` (views of these tensors), e.g. to apply one record for
+        ``n`` images to them a batch at a time."""
+        return AugParams(**{name: value[index] for name, value in self.as_dict().items()})
+
     def pack(self) -> Tensor:
         """All fields as one ``(B, 16)`` tensor (columns as in ``PACKED``), on this device.
 

@@ -11,16 +11,23 @@ its L_equi form is not euclidean (a hyperboloid run, or ``equi_form=symplectic``
 also reports Wahba's analogue for the form's group (:func:`care.metrics.group_fit`): the
 least-squares residual and the fitted map's distance ``||ΛᵀJΛ - J||_F`` from the group. The
 Wahba fields are then computed in the ambient coordinates, as a Euclidean reference.
+
+The encoders run on :func:`care.hardware.evaluation_device`. Images are read, augmented and
+embedded ``batch_size`` at a time (each trial's one record applied batch by batch), so memory grows
+with ``batch_size`` and with the ``n × d`` embedding matrices (float64, on the CPU), not with ``n``
+images at once.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
 
 from care.augment import Augmenter, AugParams, build_augmenter
 from care.augment.eval import eval_transform
@@ -28,13 +35,21 @@ from care.config import Config
 from care.data import DataInfo, LabeledImages, data_info, load_split
 from care.errors import CareError
 from care.evaluate.parameter_probe import parameter_probe
-from care.hardware import autocast_for, evaluation_precision, requested_precision
+from care.hardware import (
+    autocast_for,
+    evaluation_device,
+    evaluation_precision,
+    requested_precision,
+    resolve_memory_format,
+    torch_memory_format,
+)
 from care.metrics import composition_error, equivariance_report, form_distortion, group_fit
 from care.plots import plot_equivariance
 from care.runs import RunDir, atomic_write_json, json_ready, load_trained_encoder
 
 LAYERS = ("projection", "backbone")
 GROUP_FIT_KEYS = ("group_fit_residual", "group_deviation", "group_deviation_relative")
+_CPU = torch.device("cpu")
 
 
 @dataclass
@@ -47,14 +62,24 @@ class TrainedEncoder:
     module: nn.Module
     layer: str
     precision: str = "32"  # the autocast the module runs under (care.hardware.autocast_for)
+    device: torch.device = _CPU  # where the module runs (see place)
+    memory_format: torch.memory_format = torch.contiguous_format  # of the module and its inputs
+
+    def place(self, device: torch.device, memory_format: torch.memory_format) -> None:
+        """Move the module to ``device`` in ``memory_format``; inputs follow it there."""
+        self.module.to(device)
+        self.module.to(memory_format=memory_format)  # type: ignore[call-overload]
+        self.device, self.memory_format = device, memory_format
 
     @torch.no_grad()
     def __call__(self, x: Tensor, batch_size: int = 512) -> Tensor:
-        """Embeddings of normalised images, rows = samples (float64 on CPU)."""
-        with autocast_for(self.precision, x.device):
-            out = [
-                self.module(x[i : i + batch_size]).double() for i in range(0, len(x), batch_size)
-            ]
+        """Embeddings of normalised images (on any device), rows = samples (float64 on CPU)."""
+        out = []
+        with autocast_for(self.precision, self.device):
+            for i in range(0, len(x), batch_size):
+                chunk = x[i : i + batch_size].to(self.device, non_blocking=True)
+                chunk = chunk.contiguous(memory_format=self.memory_format)
+                out.append(self.module(chunk).double())
         return torch.cat(out).cpu()
 
     @property
@@ -101,25 +126,96 @@ def dominant_kind(p: AugParams) -> str:
 def augment_again(augmenter: Augmenter, x_a: Tensor, b: AugParams) -> Tensor:
     """``b(a(x))`` from the views ``x_a = a(x)`` (``augmenter``'s normalised output), for
     "apply a, then b" (paper, Corollary 1): back to pixels in [0, 1], then augmented by ``b``."""
-    mean = torch.tensor(augmenter.mean).view(1, -1, 1, 1)
-    std = torch.tensor(augmenter.std).view(1, -1, 1, 1)
+    mean = torch.tensor(augmenter.mean, device=x_a.device).view(1, -1, 1, 1)
+    std = torch.tensor(augmenter.std, device=x_a.device).view(1, -1, 1, 1)
     return augmenter.apply((x_a * std + mean).clamp(0, 1), b)
+
+
+class _ImageTensor(Dataset[tuple[Tensor, int]]):
+    """``(n, C, H, W)`` images already in memory, as a dataset (no labels: -1)."""
+
+    def __init__(self, images: Tensor) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        return self.images[i], -1
+
+
+_Views = Callable[[Tensor, slice], Sequence[Tensor]]
+"""Views of one batch of images (on the device), given which rows of the ``n`` it holds."""
+
+
+def _embed_views(
+    encoders: list[TrainedEncoder], loader: DataLoader, views: _Views
+) -> list[list[Tensor]]:
+    """``out[e][k]``: encoder ``e``'s ``(n, d)`` float64 CPU embeddings of view ``k`` of every
+    image. Images are read, viewed and embedded one batch at a time."""
+    device = encoders[0].device
+    parts: list[list[list[Tensor]]] = [[] for _ in encoders]  # [encoder][batch][view]
+    start = 0
+    for images, _ in loader:
+        rows = slice(start, start + len(images))
+        start = rows.stop
+        batch = views(images.to(device, non_blocking=True), rows)
+        for enc, part in zip(encoders, parts, strict=True):
+            part.append([enc(view) for view in batch])
+    return [[torch.cat(view) for view in zip(*part, strict=True)] for part in parts]
 
 
 def measure(
     encoders: list[TrainedEncoder],
-    images: Tensor,
+    images: Dataset[tuple[Tensor, int]] | Tensor,
     *,
     trials: int = 20,
     compositions: int = 5,
     seed: int = 0,
+    batch_size: int = 256,
+    num_workers: int = 0,
 ) -> dict[str, Any]:
-    """Per-trial metrics, composition errors and parameter probes for each encoder."""
+    """Per-trial metrics, composition errors and parameter probes for each encoder.
+
+    ``images`` is a dataset of ``(uint8 image, label)`` (or an ``(n, C, H, W)`` tensor), read
+    ``batch_size`` at a time by ``num_workers`` DataLoader workers and embedded on the encoders'
+    device (all must share one). Each trial's single record is sampled for all ``n`` images and
+    applied batch by batch, which gives what applying it to all at once gives: every augmentation
+    op acts on each image alone.
+    """
+    if batch_size < 1:
+        raise CareError(f"bad value for 'batch_size': {batch_size}; it must be at least 1")
     info, cfg = encoders[0].info, encoders[0].cfg
     augmenter = build_augmenter(cfg, info)
-    n = images.shape[0]
-    clean = eval_transform(images, info.image_size, info.mean, info.std, info.eval_crop_fraction)
-    base = [enc(clean) for enc in encoders]
+    dataset = _ImageTensor(images) if isinstance(images, Tensor) else images
+    n = len(dataset)  # type: ignore[arg-type]
+    pin = encoders[0].device.type == "cuda"
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,  # one set of workers for every pass
+        pin_memory=pin,
+    )
+
+    def embed(views: _Views) -> list[list[Tensor]]:
+        return _embed_views(encoders, loader, views)
+
+    def clean(x: Tensor, rows: slice) -> tuple[Tensor]:
+        return (eval_transform(x, info.image_size, info.mean, info.std, info.eval_crop_fraction),)
+
+    def augmented(params: AugParams) -> _Views:
+        return lambda x, rows: (augmenter.apply(x, params.rows(rows)),)
+
+    def composed(a: AugParams, b: AugParams) -> _Views:
+        def views(x: Tensor, rows: slice) -> tuple[Tensor, Tensor, Tensor]:
+            x_a, b_rows = augmenter.apply(x, a.rows(rows)), b.rows(rows)
+            return x_a, augmenter.apply(x, b_rows), augment_again(augmenter, x_a, b_rows)
+
+        return views
+
+    base = [views[0] for views in embed(clean)]
     gen = torch.Generator().manual_seed(seed)
     results: list[dict[str, Any]] = [{"trials": [], "composition": []} for _ in encoders]
 
@@ -128,9 +224,8 @@ def measure(
 
     for t in range(trials):
         params = one(gen)
-        augmented = augmenter.apply(images, params)
-        for enc, f, res in zip(encoders, base, results, strict=True):
-            f_a = enc(augmented)
+        embedded = embed(augmented(params))
+        for enc, f, (f_a,), res in zip(encoders, base, embedded, results, strict=True):
             report = equivariance_report(f, f_a).as_dict()
             report["form_distortion"] = form_distortion(f, f_a, enc.form)  # L_equi's target
             if enc.form != "euclidean":
@@ -148,16 +243,14 @@ def measure(
             )
     for _ in range(compositions):
         a, b = one(gen), one(gen)
-        x_a = augmenter.apply(images, a)
-        x_b = augmenter.apply(images, b)
-        x_ba = augment_again(augmenter, x_a, b)
-        for enc, f, res in zip(encoders, base, results, strict=True):
-            res["composition"].append(composition_error(f, enc(x_a), enc(x_b), enc(x_ba)))
+        embedded = embed(composed(a, b))
+        for f, (f_a, f_b, f_ba), res in zip(base, embedded, results, strict=True):
+            res["composition"].append(composition_error(f, f_a, f_b, f_ba))
     per_image = augmenter.sample(n, gen)
-    shifted = augmenter.apply(images, per_image)
     targets = per_image.features().double()
-    for enc, f, res in zip(encoders, base, results, strict=True):
-        probe = parameter_probe(f, enc(shifted), targets, list(AugParams.FEATURE_NAMES), seed=seed)
+    embedded = embed(augmented(per_image))
+    for f, (f_a,), res in zip(base, embedded, results, strict=True):
+        probe = parameter_probe(f, f_a, targets, list(AugParams.FEATURE_NAMES), seed=seed)
         res["probe"] = {"names": probe.names, "r2_linear": probe.r2_linear, "r2_mlp": probe.r2_mlp}
     for res in results:
         res["summary"] = summarise(res)
@@ -201,14 +294,18 @@ def equivariance_command(
     compositions: int = 5,
     seed: int = 0,
     precision: str | None = None,
+    batch_size: int = 256,
 ) -> dict[str, Any]:
     """Measure one run (or compare two) and write equivariance.json and plots into RUN_DIR.
 
-    ``precision`` is the autocast the encoders embed under; by default the runs' own
+    The encoders run on RUN_DIR's :func:`care.hardware.evaluation_device`, ``batch_size``
+    images at a time. ``precision`` is the autocast they embed under; by default the runs' own
     (:func:`care.hardware.evaluation_precision`), or 32 when two runs differ in it.
     """
     if trials < 1 or samples < 2:
         raise CareError("trials must be at least 1 and samples at least 2")
+    if batch_size < 1:
+        raise CareError(f"bad value for 'batch_size': {batch_size}; it must be at least 1")
     requested = requested_precision(precision)
     encoder, dataset = load_trained(run_dir, layer, split)
     encoders = [encoder]
@@ -223,13 +320,24 @@ def equivariance_command(
                 "one dataset and image size"
             )
         encoders.append(other)
-    precisions = {evaluation_precision(e.cfg.precision, "cpu", requested) for e in encoders}
+    device = evaluation_device(encoder.cfg)
+    memory_format = torch_memory_format(resolve_memory_format("auto", device.type))
+    precisions = {evaluation_precision(e.cfg.precision, device.type, requested) for e in encoders}
     chosen = precisions.pop() if len(precisions) == 1 else "32"
-    for e in encoders:  # both models of a comparison embed alike
+    for e in encoders:  # both models of a comparison embed alike, on one device
         e.precision = chosen
+        e.place(device, memory_format)
     count = min(samples, len(dataset))
-    images = torch.stack([dataset[i][0] for i in range(count)])
-    measured = measure(encoders, images, trials=trials, compositions=compositions, seed=seed)
+    images = dataset if count == len(dataset) else dataset.subset(count)
+    measured = measure(
+        encoders,
+        images,
+        trials=trials,
+        compositions=compositions,
+        seed=seed,
+        batch_size=batch_size,
+        num_workers=encoder.cfg.num_workers,
+    )
     payload = {
         "runs": [str(e.run.root) for e in encoders],
         "methods": [e.cfg.method for e in encoders],

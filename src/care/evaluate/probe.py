@@ -28,6 +28,7 @@ from care.data import data_info, load_split
 from care.errors import CareError
 from care.evaluate.features import extract_features
 from care.hardware import (
+    evaluation_device,
     evaluation_precision,
     requested_precision,
     resolve_memory_format,
@@ -214,12 +215,6 @@ def linear_probe(
     )
 
 
-def _device(cfg: Config) -> torch.device:
-    if cfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
 def probe_run(run_dir: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Evaluate a finished run's backbone; writes and returns ``probe.json``'s content.
 
@@ -240,7 +235,7 @@ def probe_run(run_dir: str, overrides: dict[str, Any] | None = None) -> dict[str
     train_set, test_set = load_split(cfg, "train"), load_split(cfg, "test")
     info = data_info(cfg, train_set)
     backbone = load_trained_encoder(run, cfg, info.channels, "backbone")
-    device = _device(cfg)
+    device = evaluation_device(cfg)
     precision = evaluation_precision(cfg.precision, device.type, requested)
     memory_format = torch_memory_format(resolve_memory_format("auto", device.type))
     features = {
@@ -251,6 +246,7 @@ def probe_run(run_dir: str, overrides: dict[str, Any] | None = None) -> dict[str
             device=device,
             precision=precision,
             memory_format=memory_format,
+            num_workers=cfg.num_workers,
             description=f"{split} features",
         )
         for split, data in (("train", train_set), ("test", test_set))

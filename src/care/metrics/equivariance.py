@@ -21,6 +21,11 @@ float64 on the input's device (MPS has no float64, so MPS inputs are computed on
 results are Python floats; matrices are float64 tensors. Errors are computed as norms of explicit
 residuals, never through the trace identity ``||A||² + ||B||² - 2 tr(·)``, which cancels
 catastrophically when the fit is good. Non-finite inputs raise :class:`ValueError`.
+
+Memory is ``O(n · d)``: pairwise quantities (the Gram matrices of :func:`form_distortion`, the
+distances of :func:`relative_equivariance`) are computed in blocks of rows against all ``n``
+rows, about ``2**20`` entries (8 MiB of float64) per temporary, never as a whole ``n × n`` matrix
+(unless ``n × n`` is itself that small).
 """
 
 from __future__ import annotations
@@ -36,8 +41,8 @@ from care.geometry import Form, form_matrix
 _GROUPS = ("SO", "O")
 # Relative threshold below which an invariance distance counts as zero (see EquivarianceReport).
 _ZERO_REL = 1e-12
-# Elements per (rows × n) block in relative_equivariance: 2**22 float64 = 32 MiB per temporary.
-_BLOCK_ELEMENTS = 1 << 22
+# Entries per (rows × n) block of a pairwise quantity: 2**20 float64 = 8 MiB per temporary.
+_BLOCK_ELEMENTS = 1 << 20
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,6 +99,20 @@ def embedding_pair(
         )
     dev = _compute_device(F.device)
     return as_float64(F, names[0], dev), as_float64(F_a, names[1], dev)
+
+
+def _row_blocks(n: int, block_rows: int | None = None) -> range:
+    """Start rows of the blocks a ``(rows × n)`` pairwise computation over ``n`` rows takes:
+    ``block_rows`` rows each, or by default about ``2**20`` entries (8 MiB of float64).
+
+    Raises:
+        ValueError: ``block_rows < 1``.
+    """
+    if block_rows is None:
+        block_rows = max(1, _BLOCK_ELEMENTS // max(n, 1))
+    elif block_rows < 1:
+        raise ValueError(f"block_rows must be >= 1, got {block_rows}")
+    return range(0, n, block_rows)
 
 
 def _check_group(group: str) -> None:
@@ -291,16 +310,30 @@ def group_fit(F: Tensor, F_a: Tensor, J: Form) -> GroupFitResult:
     )
 
 
-def form_distortion(F: Tensor, F_a: Tensor, J: Form) -> float:
+def form_distortion(F: Tensor, F_a: Tensor, J: Form, *, block_rows: int | None = None) -> float:
     """``||F J Fᵀ - F_a J F_aᵀ||_Fro / ||F J Fᵀ||_Fro`` (rows = samples): how much the augmentation
     changes the form between the samples, which L_equi trains to 0 (paper, Sec. 3.2). Needs no
-    fitted map, and is 0 for any ``Λ`` with ``ΛᵀJΛ = J``."""
+    fitted map, and is 0 for any ``Λ`` with ``ΛᵀJΛ = J``.
+
+    The ``n × n`` Gram matrices are built ``block_rows`` rows at a time (default: about 1M
+    entries per block) and their norms summed over the blocks, so memory is ``O(n · block)``.
+    """
     F64, Fa64 = embedding_pair(F, F_a)
+    n = F64.shape[0]
+    starts = _row_blocks(n, block_rows)
     J64 = form_matrix(J, F64.shape[1], dtype=torch.float64, device=F64.device)
-    gram = F64 @ J64 @ F64.T
-    gram_norm = float(torch.linalg.vector_norm(gram).item())
-    change = float(torch.linalg.vector_norm(gram - Fa64 @ J64 @ Fa64.T).item())
-    return change / gram_norm if gram_norm > 0 else 0.0
+    FJ, FaJ = F64 @ J64, Fa64 @ J64
+    gram_sq = torch.zeros((), dtype=torch.float64, device=F64.device)
+    change_sq = torch.zeros((), dtype=torch.float64, device=F64.device)
+    for start in starts:
+        stop = min(start + starts.step, n)
+        gram = FJ[start:stop] @ F64.T  # rows [start, stop) of F J Fᵀ
+        gram_sq += torch.linalg.vector_norm(gram).square()
+        change = (FaJ[start:stop] @ Fa64.T).sub_(gram)  # rows of F_a J F_aᵀ - F J Fᵀ
+        change_sq += torch.linalg.vector_norm(change).square()
+    gram_norm = float(gram_sq.sqrt().item())
+    change_norm = float(change_sq.sqrt().item())
+    return change_norm / gram_norm if gram_norm > 0 else 0.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,7 +363,7 @@ def relative_equivariance(
     result over sampled augmentations for the outer ``E_a``.
 
     Computed with Gram matrices in float64, processing ``block_rows`` rows at a time (default:
-    about 4M pair entries per block, i.e. ~420 rows at n = 10 000), so memory is ``O(n · block)``.
+    about 1M pair entries per block, i.e. ~100 rows at n = 10 000), so memory is ``O(n · block)``.
 
     Degenerate pairs: pairs whose denominator ``den`` (the *squared* sum) is ``<= eps`` are
     excluded from the mean and counted. If every pair is degenerate (e.g. ``F_a == F``) or
@@ -343,10 +376,7 @@ def relative_equivariance(
     if eps < 0 or not math.isfinite(eps):
         raise ValueError(f"eps must be a finite number >= 0, got {eps}")
     n = F64.shape[0]
-    if block_rows is None:
-        block_rows = max(1, _BLOCK_ELEMENTS // n)  # n >= 1 (embedding_pair)
-    elif block_rows < 1:
-        raise ValueError(f"block_rows must be >= 1, got {block_rows}")
+    starts = _row_blocks(n, block_rows)
 
     sq = (F64 * F64).sum(dim=1)  # ||f(x_i)||²
     sq_a = (Fa64 * Fa64).sum(dim=1)  # ||f(a(x_i))||²
@@ -355,21 +385,22 @@ def relative_equivariance(
     n_used = 0
     n_degenerate = 0
     cols = torch.arange(n, device=F64.device)
-    for start in range(0, n, block_rows):
-        stop = min(start + block_rows, n)
+    for start in starts:
+        stop = min(start + starts.step, n)
         rows = torch.arange(start, stop, device=F64.device)
-        # Squared pairwise distances for rows [start, stop) against all n rows.
-        d_orig = sq[start:stop, None] + sq[None, :] - 2.0 * (F64[start:stop] @ F64.T)
-        d_aug = sq_a[start:stop, None] + sq_a[None, :] - 2.0 * (Fa64[start:stop] @ Fa64.T)
-        num = (d_aug - d_orig) ** 2
-        den = (disp[start:stop, None] + disp[None, :]) ** 2
-        off_diag = rows[:, None] != cols[None, :]
-        valid = off_diag & (den > eps)
+        # Squared pairwise distances for rows [start, stop) against all n rows, as
+        # (||u||² + ||v||²) - 2 u·v, in place to keep few (rows × n) temporaries alive.
+        d_orig = (sq[start:stop, None] + sq[None, :]).sub_((F64[start:stop] @ F64.T).mul_(2.0))
+        d_aug = (sq_a[start:stop, None] + sq_a[None, :]).sub_((Fa64[start:stop] @ Fa64.T).mul_(2.0))
+        num = d_aug.sub_(d_orig).square_()
+        del d_orig
+        den = (disp[start:stop, None] + disp[None, :]).square_()
+        valid = (rows[:, None] != cols[None, :]).logical_and_(den > eps)
         n_valid = int(valid.sum().item())
         n_used += n_valid
-        n_degenerate += int(off_diag.sum().item()) - n_valid
+        n_degenerate += (stop - start) * n - (stop - start) - n_valid  # off-diagonal, not valid
         if n_valid:
-            total = total + (num[valid] / den[valid]).sum()
+            total += num.div_(den).masked_fill_(~valid, 0.0).sum()
     gamma = float(total.item()) / n_used if n_used else 0.0
     return gamma, n_used, n_degenerate
 
