@@ -289,3 +289,20 @@ def test_step_probe_counts_the_syncs_of_the_measured_steps_only() -> None:
     ]
     assert all(s["step_s"] > 0 and "peak_bytes" not in s for s in probe.steps)
     assert not probe.counter.active
+
+
+def test_preemption_counts_the_steps_a_kill_loses(tmp_path: Path) -> None:
+    out = tmp_path / "preemption.json"
+    args = ["--trials", "1", "--every", "0,5", "--out", str(out), "widths=[4,4,8,8]"]
+    printed = _script("preemption.py", *args, "head_hidden=16", "head_out=8", "precision=32")
+    trials = json.loads(out.read_text())
+    assert [(t["every"], t["signal"]) for t in trials] == [
+        (0, "SIGKILL"),
+        (5, "SIGKILL"),
+        (0, "SIGTERM"),
+    ]
+    for t in trials:
+        assert t["lost"] == max(0, t["done"] - t["kept"]) and t["done"] >= 1
+    assert trials[1]["lost"] <= 5  # with a checkpoint every 5 steps, at most 5 are lost
+    assert trials[2]["lost"] == 0 and trials[2]["kept"] >= trials[2]["done"]  # SIGTERM saves
+    assert "checkpoint_every_steps=5, SIGKILL" in printed and f"wrote {out}" in printed
