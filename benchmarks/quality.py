@@ -95,17 +95,26 @@ def execute(run: Run, root: Path, baseline: Path | None, budget: list[str]) -> P
         )
     if not (out / "probe.json").is_file():
         _care("probe", str(out))
-    if not (out / "equivariance.json").is_file():
+    if equivariance_json(out) is None:
         against = ["--against", str(baseline)] if baseline is not None and baseline != out else []
         _care("equivariance", str(out), *against, "trials=20")
     return out
+
+
+def equivariance_json(out: Path) -> Path | None:
+    """The run's `care equivariance` result (equivariance.json, or equivariance-vs-<baseline>.json
+    when it was measured against the simclr run of its seed); None before it is measured."""
+    found = sorted(out.glob("equivariance*.json"))
+    return found[-1] if found else None
 
 
 def collect(run: Run, out: Path) -> dict[str, Any]:
     """The figures of one finished run."""
     summary = json.loads((out / "summary.json").read_text())
     probe = json.loads((out / "probe.json").read_text())
-    equi = json.loads((out / "equivariance.json").read_text())
+    measured = equivariance_json(out)
+    assert measured is not None, f"{out} has no equivariance result"
+    equi = json.loads(measured.read_text())
     mine = equi["results"][0]["summary"]
     row: dict[str, Any] = {
         "run": str(out),
@@ -360,7 +369,7 @@ def discover(root: Path) -> list[dict[str, Any]]:
 
     rows = []
     for out in sorted(root.iterdir()):
-        if not (out / "equivariance.json").is_file():
+        if equivariance_json(out) is None:
             continue
         cfg = yaml.safe_load((out / "config.yaml").read_text())
         method = cfg["method"]

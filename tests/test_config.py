@@ -117,6 +117,7 @@ def test_settings_that_do_not_change_what_is_learned_are_marked_once() -> None:
         "cudnn_benchmark",
         "activation_checkpointing",
         "checkpoint_every_steps",
+        "loggers",
     }
     assert {"data_root", "accelerator", "knn_k", "probe_epochs", "probe_lr", "num_workers"} <= set(
         EVALUATION_KEYS

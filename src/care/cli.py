@@ -127,6 +127,10 @@ def _print_equivariance(payload: dict[str, object]) -> None:
             f"first run lower W_f in {payload['lower_in_trials']}/{payload['trials']} trials, "
             f"lower W_f ÷ invariance distance in {payload['ratio_lower_in_trials']}"
         )
+    skipped = results[0]["probe"].get("not_applicable", [])  # type: ignore[index]
+    if skipped:
+        print(f"parameter probe: n/a for {', '.join(skipped)} (they do not vary on this data)")
+    print(f"wrote {payload['json']}")
     for plot in payload.get("plots", []):  # type: ignore[attr-defined]
         print(f"wrote {plot}")
 

@@ -39,6 +39,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+#: The values ``loggers`` lists (care.train.loggers builds them; tests/test_config.py checks).
+LOGGER_NAMES = ("csv", "tensorboard", "wandb")
+
 #: Field metadata of a setting that does not change what is learned (where the run lives, how
 #: it is monitored, logged or evaluated). A run trained with other values of these keys is the
 #: same run: ``resume=true`` and ``care ablate`` accept it (:func:`training_differences`).
@@ -128,6 +131,8 @@ class Config:
     out: str = field(default="runs/care", metadata=UNTRAINED)
     resume: bool = field(default=False, metadata=UNTRAINED)
     log_every: int = field(default=20, metadata=UNTRAINED)  # steps between logged metrics
+    # where metrics go: csv (metrics.csv, always), tensorboard, wandb (an optional extra)
+    loggers: list[str] = field(default_factory=lambda: ["csv", "tensorboard"], metadata=UNTRAINED)
     # also write checkpoints/last.ckpt every N training steps (0: at epoch ends only)
     checkpoint_every_steps: int = field(default=0, metadata=UNTRAINED)
 
@@ -320,6 +325,12 @@ def validate(cfg: Config) -> None:
             f"bad value for '{key}': {value}; it must be at least 1 (or null for the default)",
         )
     _require(cfg.batch_size >= 2, "bad value for 'batch_size': InfoNCE needs at least 2 images")
+    unknown = [name for name in cfg.loggers if name not in LOGGER_NAMES]
+    _require(
+        not unknown,
+        f"bad value for 'loggers': {unknown}; choose from {list(LOGGER_NAMES)}, "
+        "e.g. loggers=[csv,tensorboard,wandb]",
+    )
 
 
 def to_yaml(cfg: Config) -> str:

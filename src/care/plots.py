@@ -25,7 +25,7 @@ def save_figure(fig: Figure, path: Path) -> str:
     return str(path)
 
 
-def plot_equivariance(payload: dict[str, Any], out: Path) -> list[str]:
+def plot_equivariance(payload: dict[str, Any], out: Path, stem: str = "equivariance") -> list[str]:
     """Figure 3 (compare mode): baseline W_f against this run's W_f per trial, coloured by the
     augmentation's dominant kind, with the diagonal; and W_f ÷ invariance distance per kind."""
     results = payload["results"]
@@ -63,7 +63,7 @@ def plot_equivariance(payload: dict[str, Any], out: Path) -> list[str]:
             f"{labels[0]} is lower",
             fontsize=10,
         )
-        written.append(save_figure(fig, out / "equivariance_scatter.png"))
+        written.append(save_figure(fig, out / f"{stem}_scatter.png"))
     fig, ax = plt.subplots(figsize=(1.6 * len(kinds) + 3, 4))
     width = 0.8 / len(results)
     for j, (res, label) in enumerate(zip(results, labels, strict=True)):
@@ -80,7 +80,7 @@ def plot_equivariance(payload: dict[str, Any], out: Path) -> list[str]:
     ax.set_ylabel("W_f ÷ invariance distance")
     ax.set_title("Share of the displacement that no rotation explains, per augmentation kind")
     ax.legend(fontsize=8)
-    written.append(save_figure(fig, out / "equivariance_by_kind.png"))
+    written.append(save_figure(fig, out / f"{stem}_by_kind.png"))
     return written
 
 

@@ -16,7 +16,13 @@ from care.augment.eval import eval_transform
 from care.cli import main
 from care.config import Config
 from care.data import DataInfo
-from care.evaluate.equivariance import GROUP_FIT_KEYS, TrainedEncoder, augment_again, measure
+from care.evaluate.equivariance import (
+    GROUP_FIT_KEYS,
+    TrainedEncoder,
+    augment_again,
+    inapplicable_parameters,
+    measure,
+)
 from care.metrics import composition_error
 from care.runs import RunDir
 from tests.augment.reference import identity_params
@@ -52,7 +58,7 @@ def test_compare_writes_json_and_plots(
         )
         == 0
     )
-    payload = json.loads((care / "equivariance.json").read_text())
+    payload = json.loads((care / "equivariance-vs-simclr.json").read_text())
     assert payload["trials"] == 3 and len(payload["results"]) == 2
     for res in payload["results"]:
         assert len(res["trials"]) == 3 and len(res["composition"]) == 2
@@ -60,10 +66,18 @@ def test_compare_writes_json_and_plots(
             assert trial["wahba_o"] <= trial["wahba_so"] + 1e-9
             assert 0.0 <= trial["wahba_so_ratio"] <= 1.0 + 1e-9
         assert len(res["probe"]["r2_linear"]) == len(res["probe"]["names"])
+        # grayscale data: the colour parameters have no R² (n/a), the others have one
+        probe = res["probe"]
+        assert {"saturation", "hue", "grayscale"} <= set(probe["not_applicable"])
+        for name, r2 in zip(probe["names"], probe["r2_linear"], strict=True):
+            assert (r2 is None) == (name in probe["not_applicable"]), name
+        assert probe["r2_linear"][probe["names"].index("crop_scale")] is not None
     assert 0 <= payload["lower_in_trials"] <= 3
-    assert (care / "equivariance_scatter.png").stat().st_size > 1000
-    assert (care / "equivariance_by_kind.png").stat().st_size > 1000
-    assert "W_SO" in capsys.readouterr().out
+    assert (care / "equivariance-vs-simclr_scatter.png").stat().st_size > 1000
+    assert (care / "equivariance-vs-simclr_by_kind.png").stat().st_size > 1000
+    printed = capsys.readouterr().out
+    assert "W_SO" in printed and "n/a for saturation, hue, grayscale" in printed
+    assert f"wrote {care / 'equivariance-vs-simclr.json'}" in printed
 
 
 def test_backbone_layer_and_bad_settings(
@@ -83,12 +97,51 @@ def test_backbone_layer_and_bad_settings(
         )
         == 0
     )
-    assert json.loads((care / "equivariance.json").read_text())["layer"] == "backbone"
+    assert json.loads((care / "equivariance-backbone.json").read_text())["layer"] == "backbone"
     capsys.readouterr()
     assert main(["equivariance", str(care), "layer=middle"]) == 2
     assert "layer" in capsys.readouterr().err
     assert main(["equivariance", str(care), "trials=x"]) == 2
     assert "trials" in capsys.readouterr().err
+
+
+def test_each_layer_and_baseline_has_its_own_files(
+    two_runs: tuple[Path, Path],
+    fake_fmnist: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Measuring another layer, or against another baseline, never overwrites; a baseline of
+    another embedding size is refused in one line."""
+    care, simclr = two_runs
+    settings = ["trials=1", "samples=40", "compositions=1"]
+    assert main(["equivariance", str(care), *settings]) == 0
+    alone = (care / "equivariance.json").read_bytes()
+    assert main(["equivariance", str(care), "--against", str(simclr), *settings]) == 0
+    assert main(["equivariance", str(care), "layer=backbone", *settings]) == 0
+    assert (care / "equivariance.json").read_bytes() == alone
+    for stem in ("equivariance", "equivariance-vs-simclr", "equivariance-backbone"):
+        assert (care / f"{stem}.json").is_file() and (care / f"{stem}_by_kind.png").is_file()
+    wide = tmp_path / "wide"
+    assert main(["pretrain", *tiny(fake_fmnist, wide, "head_out=12", "knn_every=0")]) == 0
+    capsys.readouterr()
+    assert main(["equivariance", str(care), "--against", str(wide), *settings]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    assert "embeds in 12 dimensions at the projection layer" in err and "in 8" in err
+
+
+def test_parameters_that_do_not_vary_are_not_applicable() -> None:
+    names = AugParams.FEATURE_NAMES
+    targets = torch.rand(30, len(names), dtype=torch.float64)
+    targets[:, names.index("blur_sigma")] = 0.0  # never blurred: one value
+    assert inapplicable_parameters(targets, channels=3) == ["blur_sigma"]
+    assert inapplicable_parameters(targets, channels=1) == [
+        "saturation",
+        "hue",
+        "grayscale",
+        "blur_sigma",
+    ]
 
 
 # ------------------------------------------------------------- other geometries (paper, Sec. 3.2)

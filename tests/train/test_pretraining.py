@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import signal
 import subprocess
@@ -115,3 +116,34 @@ def test_bf16_on_a_cpu_without_native_bf16_warns(
 def test_too_few_images_for_a_batch(fake_fmnist: Path, tmp_path: Path) -> None:
     with pytest.raises(CareError, match="fewer than one global batch"):
         pretrain(load_config(None, tiny(fake_fmnist, tmp_path / "r", "train_samples=16")))
+
+
+def _lrs(run: Path) -> dict[int, float]:
+    with (run / "metrics.csv").open(newline="") as handle:
+        return {
+            int(r["step"]): float(r["train/lr"]) for r in csv.DictReader(handle) if r["train/lr"]
+        }
+
+
+def test_more_epochs_on_resume_follow_the_longer_schedule(
+    fake_fmnist: Path, tmp_path: Path
+) -> None:
+    """A finished 2-epoch cosine run resumed with epochs=3 trains its third epoch at the lr a
+    3-epoch run has there (not at 0); fewer epochs than it has trained are refused."""
+    settings = ("knn_every=0", "log_every=1")
+    pretrain(load_config(None, tiny(fake_fmnist, tmp_path / "r", "epochs=2", *settings)))
+    with pytest.raises(CareError, match="has trained 2 epoch"):
+        pretrain(
+            load_config(
+                None, tiny(fake_fmnist, tmp_path / "r", "epochs=1", "resume=true", *settings)
+            )
+        )
+    pretrain(
+        load_config(None, tiny(fake_fmnist, tmp_path / "r", "epochs=3", "resume=true", *settings))
+    )
+    pretrain(load_config(None, tiny(fake_fmnist, tmp_path / "s", "epochs=3", *settings)))
+    extended, straight = _lrs(tmp_path / "r"), _lrs(tmp_path / "s")
+    assert sorted(extended) == list(range(1, 13))
+    for step in range(9, 13):  # the added epoch
+        assert extended[step] == pytest.approx(straight[step], rel=1e-9, abs=1e-12)
+    assert extended[9] > 1e-4

@@ -20,6 +20,7 @@ images at once.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,6 +82,18 @@ class TrainedEncoder:
                 chunk = chunk.contiguous(memory_format=self.memory_format)
                 out.append(self.module(chunk).double())
         return torch.cat(out).cpu()
+
+    @torch.no_grad()
+    def dimension(self) -> int:
+        """The size of this layer's embeddings (one forward pass of a blank image)."""
+        size = self.info.image_size
+        blank = torch.zeros(1, self.info.channels, size, size, device=self.device)
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            return int(self.module(blank).shape[-1])
+        finally:
+            self.module.train(was_training)
 
     @property
     def embedding(self) -> str:
@@ -252,9 +265,44 @@ def measure(
     for f, (f_a,), res in zip(base, embedded, results, strict=True):
         probe = parameter_probe(f, f_a, targets, list(AugParams.FEATURE_NAMES), seed=seed)
         res["probe"] = {"names": probe.names, "r2_linear": probe.r2_linear, "r2_mlp": probe.r2_mlp}
+        skipped = inapplicable_parameters(targets, info.channels)
+        for key in ("r2_linear", "r2_mlp"):  # no R² for what the data cannot show: n/a
+            res["probe"][key] = [
+                None if name in skipped else r2
+                for name, r2 in zip(probe.names, res["probe"][key], strict=True)
+            ]
+        res["probe"]["not_applicable"] = skipped
     for res in results:
         res["summary"] = summarise(res)
     return {"n": n, "trials": trials, "results": results}
+
+
+#: Parameters of colour, which a 1-channel image does not show.
+COLOUR_PARAMETERS = ("saturation", "hue", "grayscale")
+
+
+def inapplicable_parameters(targets: Tensor, channels: int) -> list[str]:
+    """The augmentation parameters a probe cannot be asked about on this data: the colour ones
+    on 1-channel images, and any that takes one value over all the images (nothing to predict).
+    Their R² is reported as n/a (``null``), not as 0."""
+    names = AugParams.FEATURE_NAMES
+    constant = (targets.max(dim=0).values == targets.min(dim=0).values).tolist()
+    return [
+        name
+        for name, fixed in zip(names, constant, strict=True)
+        if fixed or (channels == 1 and name in COLOUR_PARAMETERS)
+    ]
+
+
+def output_stem(layer: str, against: str | None) -> str:
+    """The name of an evaluation's files in RUN_DIR: ``equivariance`` for the projection layer
+    alone, with ``-backbone`` for the other layer and ``-vs-<baseline folder>`` in compare mode,
+    so that measuring another layer or against another baseline never overwrites."""
+    stem = "equivariance" if layer == "projection" else f"equivariance-{layer}"
+    if against is not None:
+        name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(against).resolve().name) or "baseline"
+        stem += f"-vs-{name}"
+    return stem
 
 
 def summarise(res: dict[str, Any]) -> dict[str, float]:
@@ -296,7 +344,8 @@ def equivariance_command(
     precision: str | None = None,
     batch_size: int = 256,
 ) -> dict[str, Any]:
-    """Measure one run (or compare two) and write equivariance.json and plots into RUN_DIR.
+    """Measure one run (or compare two) and write the JSON and plots into RUN_DIR, named by
+    :func:`output_stem` (``equivariance.json`` for the projection layer alone).
 
     The encoders run on RUN_DIR's :func:`care.hardware.evaluation_device`, ``batch_size``
     images at a time. ``precision`` is the autocast they embed under; by default the runs' own
@@ -318,6 +367,13 @@ def equivariance_command(
             raise CareError(
                 f"{against} was trained on other data than {run_dir}: compare runs of "
                 "one dataset and image size"
+            )
+        size, other_size = encoder.dimension(), other.dimension()
+        if size != other_size:
+            raise CareError(
+                f"{against} embeds in {other_size} dimensions at the {layer} layer and {run_dir} "
+                f"in {size}: Wahba's problem compares maps of one space; compare runs of one "
+                "embedding size (head_out for layer=projection, widths for layer=backbone)"
             )
         encoders.append(other)
     device = evaluation_device(encoder.cfg)
@@ -358,6 +414,8 @@ def equivariance_command(
             a < b for a, b in zip(ratio_mine, ratio_theirs, strict=True)
         )
     out = encoder.run.root
-    atomic_write_json(out / "equivariance.json", json_ready(payload))
-    payload["plots"] = plot_equivariance(payload, out)
+    stem = output_stem(layer, against)
+    payload["json"] = str(out / f"{stem}.json")
+    atomic_write_json(out / f"{stem}.json", json_ready(payload))
+    payload["plots"] = plot_equivariance(payload, out, stem)
     return payload

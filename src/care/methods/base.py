@@ -324,13 +324,34 @@ class ContrastiveMethod(L.LightningModule):
 
     # ---------------------------------------------------------- checkpoints
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Resume care 0.1 checkpoints too, which kept the encoder's parts at the top level."""
+        """Resume care 0.1 checkpoints too, which kept the encoder's parts at the top level; plan
+        the lr schedule for this config's ``epochs`` (:meth:`replan_schedule`)."""
         state = checkpoint["state_dict"]
         renamed = {}
         for key, value in state.items():
             old = next((p for p in _V01_PREFIXES if key.startswith(p)), None)
             renamed[key if old is None else _V01_PREFIXES[old] + key[len(old) :]] = value
         checkpoint["state_dict"] = renamed
+        self.replan_schedule(checkpoint)
+
+    def replan_schedule(self, checkpoint: dict[str, Any]) -> None:
+        """A run resumed with more ``epochs`` follows the schedule of a run planned for them.
+
+        LambdaLR would restore the saved :class:`WarmupCosine` (its total steps) and keep the old
+        plan, so added epochs would train at lr 0 after its end; here the saved plan is dropped,
+        and the step counter alone is restored: the lr at each step is that of a run with the new
+        ``epochs`` from the start (a finished cosine run restarts at that schedule's lr for its
+        step, a warm restart). Fewer epochs than the run has started is refused in one line.
+        """
+        started = int(checkpoint.get("epoch", 0)) + 1  # epochs begun (the last may be partial)
+        if self.cfg.epochs < started:
+            raise CareError(
+                f"the run being resumed has trained {started} epoch(s); epochs={self.cfg.epochs} "
+                f"would undo them: pass epochs={started} or more (more epochs extend the run)"
+            )
+        for scheduler in checkpoint.get("lr_schedulers", []):
+            if "lr_lambdas" in scheduler:
+                scheduler["lr_lambdas"] = [None] * len(scheduler["lr_lambdas"])
 
     # ------------------------------------------------------------ optimiser
     def configure_optimizers(self) -> Any:

@@ -9,7 +9,6 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from torch.utils.data import DataLoader
 
@@ -35,6 +34,7 @@ from care.runs import (
 )
 from care.train.callbacks import KNNMonitor, MetricsCSV, Throughput
 from care.train.checkpoints import LastCheckpoint, LoaderPosition, SameCheckpointOnEveryRank
+from care.train.loggers import build_loggers, finish_loggers
 
 
 def pretrain(cfg: Config) -> RunDir:
@@ -91,6 +91,7 @@ def train_into_run(cfg: Config) -> RunDir:
         monitor or None,
         ckpt_path=str(resume_from) if resume_from else None,
     )
+    finish_loggers(trainer.loggers)
     if trainer.global_rank == 0:
         save_weights(method.encoder.backbone, run.backbone)
         save_weights(method.encoder.head, run.head)
@@ -180,7 +181,7 @@ def build_trainer(
         strategy=cfg.strategy,
         sync_batchnorm=cfg.sync_batchnorm,
         precision=cfg.precision,  # type: ignore[arg-type]
-        logger=TensorBoardLogger(str(run.root), name="tensorboard", version=""),
+        logger=build_loggers(cfg, run) or False,
         callbacks=callbacks,
         plugins=plugins,
         use_distributed_sampler=False,
