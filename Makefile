@@ -28,6 +28,7 @@ data:
 demo: install data
 	$(BIN)/care pretrain --config configs/fashion-mnist.yaml method=care out=$(RUN) resume=true $(DEMO_ARGS)
 	$(BIN)/care probe $(RUN)
+	@echo "care is installed in $(VENV): run 'source $(VENV)/bin/activate' to put it on PATH (or call $(BIN)/care)"
 
 lint: $(BIN)/pytest
 	$(BIN)/ruff check src tests benchmarks
