@@ -21,6 +21,7 @@ import os
 import pickle
 import re
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -32,14 +33,17 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import OmegaConf
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
 from torch import Tensor, nn
 
 from care.config import Config, config_from_dict, to_yaml, training_differences
+from care.data import DataInfo, LabeledImages, resolve_data_root
+from care.data.loading import DEFAULT_IMAGE_SIZE
+from care.data.registry import DEFAULT_LOAD_SIZE, get_spec
 from care.distributed import is_global_zero
 from care.errors import CareError, cannot_write, os_error_cause
-from care.models import build_encoder
+from care.models import ENCODER_LAYERS, EncoderSpec, TrainedEncoder, build_encoder, encoder_spec
 
 
 def _umask() -> int:
@@ -113,23 +117,34 @@ def safe_torch_load(path: str | Path, map_location: Any = "cpu") -> Any:
         ) from None
 
 
-def save_weights(module: torch.nn.Module, path: str | Path) -> None:
-    """Save a module's state dict as safetensors, atomically."""
+def save_weights(
+    module: torch.nn.Module, path: str | Path, metadata: Mapping[str, str] | None = None
+) -> None:
+    """Save a module's state dict as safetensors, atomically, with string ``metadata`` (a run
+    writes :meth:`care.models.EncoderSpec.to_metadata`: what rebuilds the model)."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-    atomic_write_bytes(path, save(tensors))
+    atomic_write_bytes(path, save(tensors, metadata=None if metadata is None else dict(metadata)))
 
 
-def load_weights(module: torch.nn.Module, path: str | Path) -> None:
-    """Load safetensors weights into ``module``; mismatches are a one-line error."""
+def read_weights(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The tensors and string metadata of a safetensors file; a missing or corrupt file is a
+    one-line error."""
     path = Path(path)
     if not path.is_file():
         raise CareError(f"weights file {path} not found: finish the run (resume=true) first")
     try:
-        tensors: dict[str, Tensor] = load_file(str(path))
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            names = handle.keys()  # safe_open is not iterable
+            tensors = {key: handle.get_tensor(key) for key in names}
     except (SafetensorError, OSError, ValueError) as exc:
         raise CareError(
             f"weights file {path} is corrupt ({str(exc)[:80]}); rerun the training"
         ) from None
+    return tensors, metadata
+
+
+def _load_state(module: torch.nn.Module, tensors: Mapping[str, Tensor], path: Path) -> None:
     try:
         module.load_state_dict(tensors)
     except RuntimeError as exc:
@@ -137,6 +152,12 @@ def load_weights(module: torch.nn.Module, path: str | Path) -> None:
             f"weights file {path} does not match the model in config.yaml "
             f"({str(exc).splitlines()[0][:120]})"
         ) from None
+
+
+def load_weights(module: torch.nn.Module, path: str | Path) -> None:
+    """Load safetensors weights into ``module``; mismatches are a one-line error."""
+    tensors, _ = read_weights(path)
+    _load_state(module, tensors, Path(path))
 
 
 class RunDir:
@@ -151,11 +172,42 @@ class RunDir:
     best_checkpoint = property(lambda self: self.root / "checkpoints" / "best.ckpt")
     backbone = property(lambda self: self.root / "backbone.safetensors")
     head = property(lambda self: self.root / "head.safetensors")
+    encoder_export = property(lambda self: self.root / "encoder.pt2")
     metrics = property(lambda self: self.root / "metrics.csv")
     summary = property(lambda self: self.root / "summary.json")
 
     def write_config(self, cfg: Config) -> None:
         atomic_write_text(self.config, to_yaml(cfg))
+
+    @staticmethod
+    def with_data_root(cfg: Config) -> Config:
+        """``cfg`` with ``data_root`` set to the absolute folder its data is read from, as a
+        run's config.yaml records it (so the run names its data from any working directory)."""
+        root = resolve_data_root(cfg.dataset, cfg.data_root).absolute()
+        return dataclasses.replace(cfg, data_root=str(root))
+
+    @staticmethod
+    def weights_metadata(
+        cfg: Config, info: DataInfo, images: LabeledImages, layer: str
+    ) -> dict[str, str]:
+        """The metadata a run's ``layer`` weights file carries: the encoder ``cfg`` trains on
+        ``images`` (described by ``info``), rebuilt by :func:`load_encoder` without the config."""
+        return encoder_spec(cfg, info, images.image_shape[-1]).to_metadata(layer)
+
+    def write_encoder_export(self) -> Path | None:
+        """:func:`export_encoder` into this finished run. A failure is one warning line on
+        stderr, not an error: the weights files are written, and :func:`load_encoder` reads
+        them."""
+        try:
+            return export_encoder(self.root)
+        except Exception as exc:  # an optional file must not fail a finished training
+            cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            print(
+                f"warning: {self.encoder_export} not written ({cause}); care.load_encoder "
+                "reads the run's weights files",
+                file=sys.stderr,
+            )
+            return None
 
     def read_config(self) -> Config:
         """The config the run was trained with."""
@@ -221,6 +273,96 @@ def load_trained_encoder(run: RunDir, cfg: Config, channels: int, layer: str) ->
         return encoder.backbone.eval()
     load_weights(encoder.head, run.head)
     return encoder.eval()
+
+
+def _spec_from_config(run: RunDir, backbone: Mapping[str, Tensor]) -> EncoderSpec:
+    """The encoder spec of a run whose weights carry no metadata (written before they did):
+    its config.yaml, the registry's normalisation, the channels of its first convolution."""
+    cfg = run.read_config()
+    stem = backbone.get("stem.0.weight")
+    if stem is None or stem.ndim != 4:
+        raise CareError(
+            f"{run.backbone} holds no ResNet stem (stem.0.weight): it was not written by "
+            "`care pretrain`; pass the out folder of a care run"
+        )
+    spec = get_spec(cfg.dataset)
+    size = cfg.image_size or spec.image_size or DEFAULT_IMAGE_SIZE
+    stored = spec.image_size or cfg.load_size or DEFAULT_LOAD_SIZE  # as care.data.data_info
+    info = DataInfo(
+        channels=int(stem.shape[1]),
+        image_size=size,
+        mean=spec.mean,
+        std=spec.std,
+        num_classes=spec.num_classes or 0,
+        eval_crop_fraction=min(1.0, size / stored) if spec.image_size is None else 1.0,
+    )
+    return encoder_spec(cfg, info, stored)
+
+
+def load_encoder(run_dir: str | Path, layer: str = "backbone") -> TrainedEncoder:
+    """A finished run's encoder as one module in eval mode: images as the run's dataset stores
+    them, uint8 ``(N, C, H, W)`` in 0..255 or float in [0, 1], → embeddings.
+
+    The run's evaluation transform (central crop, resize to ``image_size``, the dataset's mean
+    and std) is inside the module. ``layer="backbone"`` gives the features a linear probe uses;
+    ``"projection"`` the head's output on the run's sphere or hyperboloid. The model is rebuilt
+    from the metadata of ``backbone.safetensors`` (from ``config.yaml`` for runs written before
+    weights carried it); bad run directories and layers are a one-line :class:`CareError`.
+    """
+    if layer not in ENCODER_LAYERS:
+        raise CareError(
+            f"unknown layer {layer!r}: choose backbone (the features a linear probe uses) or "
+            "projection (the head's output on the run's sphere or hyperboloid)"
+        )
+    run = RunDir(run_dir)
+    if not run.root.is_dir():
+        raise CareError(
+            f"run directory {run.root} not found: pass the out folder of a `care pretrain` run"
+        )
+    if not run.backbone.is_file():
+        raise CareError(
+            f"{run.root} holds no backbone.safetensors: pass the out folder of a finished "
+            "`care pretrain` run (an interrupted one finishes with resume=true)"
+        )
+    tensors, metadata = read_weights(run.backbone)
+    if metadata:
+        try:
+            spec = EncoderSpec.from_metadata(metadata)
+        except ValueError as exc:
+            raise CareError(
+                f"weights file {run.backbone} has unreadable care metadata ({exc}); rerun the "
+                "training, or read it with the care version that wrote it"
+            ) from None
+    else:
+        spec = _spec_from_config(run, tensors)
+    encoder = TrainedEncoder(spec, layer)
+    _load_state(encoder.backbone, tensors, run.backbone)
+    if encoder.head is not None:
+        head, _ = read_weights(run.head)
+        _load_state(encoder.head, head, run.head)
+    return encoder.eval()
+
+
+def export_encoder(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write a run's backbone with its evaluation transform as a :func:`torch.export.export`
+    program (``RUN/encoder.pt2`` by default), which PyTorch alone loads:
+    ``torch.export.load(path).module()`` takes float ``(N, C, S, S)`` images in [0, 1] (any N;
+    ``S`` the side the dataset stores, ``input_size``; uint8 images: ``images.float() / 255``)
+    and returns the features :func:`load_encoder` returns. The spec's metadata is the archive's
+    extra file ``care.json``. Weights are stored as raw bytes, the graph as JSON: no pickle."""
+    encoder = load_encoder(run_dir, "backbone")
+    spec = encoder.spec
+    target = Path(out) if out is not None else RunDir(run_dir).encoder_export
+    example = torch.rand(2, spec.in_channels, spec.input_size, spec.input_size)
+    batch = torch.export.Dim("batch", min=1)
+    program = torch.export.export(encoder, (example,), dynamic_shapes=({0: batch},))
+    for node in program.graph.nodes:
+        node.meta.pop("stack_trace", None)  # where care's source lies here: not the model's
+    buffer = io.BytesIO()
+    extra = {"care.json": json.dumps(spec.to_metadata("backbone"), indent=1)}
+    torch.export.save(program, buffer, extra_files=extra)
+    atomic_write_bytes(target, buffer.getvalue())
+    return target
 
 
 def json_ready(value: Any) -> Any:
