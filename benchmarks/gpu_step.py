@@ -707,8 +707,9 @@ def report_rows(
             ("5 pretrain", "care pretrain", failed("pretrain") or "FAILED: no summary.json")
         )
     else:
-        knn = summary.get("final_knn_acc")
-        knn_text = "n/a" if knn is None else f"{100 * knn:.1f}%"
+        knn = summary.get("final_knn_acc_percent")
+        bank = summary.get("knn_bank_size")
+        knn_text = "n/a" if knn is None else f"{knn:.1f}% (bank {bank})"
         ips = summary.get("images_per_s")
         rows.append(
             (

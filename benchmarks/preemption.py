@@ -2,8 +2,8 @@
 
 A benchmark script, not a test. Each trial starts a real `care pretrain` (the CPU preset on the
 real Fashion-MNIST, scaled down by the settings below), draws a step uniformly at random, waits
-until the progress bar (one refresh per step here) shows it done, and stops the run: with
-SIGKILL (nothing is saved at the kill: the run falls back to its last checkpoint) or with
+until the progress lines (one per step here: ``CARE_PROGRESS_S=0``) show it done, and stops the
+run: with SIGKILL (nothing is saved at the kill: the run falls back to its last checkpoint) or with
 SIGTERM (care finishes the step and checkpoints). The steps kept are those of
 ``checkpoints/last.ckpt``; lost = steps done at the kill - steps kept. It prints one row per setting, and writes the
 trials as JSON.
@@ -32,7 +32,7 @@ import torch
 
 RUN = ["train_samples=2560", "epochs=3", "knn_every=0", "log_every=1", "batch_size=64"]
 STEPS_PER_EPOCH = 2560 // 64
-PROGRESS = re.compile(r"Epoch (\d+):\s+\d+%\|[^|]*\|\s*(\d+)/(\d+)")
+PROGRESS = re.compile(r"epoch (\d+)/\d+ step (\d+)/(\d+)")
 
 
 def trial(
@@ -52,7 +52,11 @@ def trial(
     log = out.with_suffix(".log")
     with log.open("w") as sink:
         process = subprocess.Popen(
-            command, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
+            command,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "CARE_PROGRESS_S": "0"},  # a progress line after every step
         )
         target = rng.randint(1, 3 * STEPS_PER_EPOCH - 1)
         done = 0
@@ -69,12 +73,12 @@ def trial(
 
 
 def steps_done(text: str) -> int:
-    """Steps finished, from the last progress-bar refresh (epoch and batch within it)."""
-    found = PROGRESS.findall(text.replace("\r", "\n"))
+    """Steps finished, from the last progress line (epoch, counted from 1, and step within it)."""
+    found = PROGRESS.findall(text)
     if not found:
         return 0
-    epoch, batch, _ = found[-1]
-    return int(epoch) * STEPS_PER_EPOCH + int(batch)
+    epoch, step, _ = found[-1]
+    return (int(epoch) - 1) * STEPS_PER_EPOCH + int(step)
 
 
 def main() -> None:

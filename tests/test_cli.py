@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -107,3 +109,24 @@ def test_print_config_and_probe(
     assert "simclr" in printed and "probe.json" in printed
     fails_with_one_line(capsys, ["probe", str(out), "lr=1"], "cannot be changed")
     fails_with_one_line(capsys, ["probe", str(tmp_path / "none")], "not a run directory")
+
+
+def test_piped_probe_prints_the_whole_table(fake_fmnist: Path, tmp_path: Path) -> None:
+    """Through a pipe, rich keeps every column (no cut to 80 characters) and leaves no blank
+    lines where its progress bars were."""
+    out = tmp_path / "a-run-directory-with-a-rather-long-name-to-widen-the-table"
+    assert main(["pretrain", *tiny(fake_fmnist, out), "method=simclr"]) == 0
+    done = subprocess.run(
+        [sys.executable, "-m", "care.cli", "probe", str(out), "probe_epochs=1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert all(line.strip() for line in lines), done.stdout
+    header = next(line for line in lines if "method" in line)
+    for column in ("run", "method", "dataset", "kNN", "kNN bank", "linear probe"):
+        assert f" {column} " in header, header
+    assert any(str(out) in line and "128 train images" in line for line in lines)
+    assert len(max(lines, key=len)) > 80

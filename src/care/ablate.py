@@ -195,7 +195,14 @@ def _result(
         "final_losses": final_losses(run.metrics),
         "training": {
             key: summary.get(key)
-            for key in ("epochs", "steps", "global_batch", "wall_time_s", "final_knn_acc")
+            for key in (
+                "epochs",
+                "steps",
+                "global_batch",
+                "wall_time_s",
+                "final_knn_acc_percent",
+                "knn_bank_size",
+            )
         },
         "config_diff": {
             k: saved[k] for k in saved if k not in ("out", "resume") and saved[k] != shared.get(k)

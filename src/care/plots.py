@@ -187,3 +187,39 @@ def ablation_bars(results: list[dict[str, Any]], path: Path, title: str) -> str:
         )
     ax.set_title(title, fontsize=10)
     return save_figure(fig, Path(path))
+
+
+def plot_neighbours(
+    grid: list[list[Any]], labels: list[list[str]], similarity: Any, path: Path, title: str
+) -> str:
+    """One row per query: the query (first column, framed) and its nearest neighbours, uint8
+    ``(C, H, W)`` images, each with its label and its cosine similarity to the query
+    (``similarity[row][j]`` for neighbour ``j``), green where the label is the query's, red
+    elsewhere."""
+    rows, cols = len(grid), len(grid[0])
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(1.3 * cols, 1.5 * rows + 0.4), squeeze=False, layout="constrained"
+    )
+    for r, row in enumerate(grid):
+        for c, image in enumerate(row):
+            ax = axes[r][c]
+            pixels = image.numpy() if hasattr(image, "numpy") else image
+            if pixels.shape[0] == 1:
+                ax.imshow(pixels[0], cmap="gray", vmin=0, vmax=255)
+            else:
+                ax.imshow(pixels[:3].transpose(1, 2, 0))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_title(f"query\n{labels[r][0]}", fontsize=7, fontweight="bold")
+                for spine in ax.spines.values():
+                    spine.set_linewidth(2.5)
+                continue
+            same = labels[r][c] == labels[r][0]
+            ax.set_title(
+                f"{labels[r][c]}\n{float(similarity[r][c - 1]):.3f}",
+                fontsize=7,
+                color="tab:green" if same else "tab:red",
+            )
+    fig.suptitle(title, fontsize=9)
+    return save_figure(fig, Path(path))

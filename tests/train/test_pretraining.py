@@ -48,7 +48,8 @@ def test_pretrain_writes_a_complete_run(
         assert path.is_file(), path
     summary = json.loads(run.summary.read_text())
     assert summary["steps"] == 128 // 32
-    assert 0.0 <= summary["final_knn_acc"] <= 1.0
+    assert 0.0 <= summary["final_knn_acc_percent"] <= 100.0
+    assert (summary["knn_bank_size"], summary["knn_test_size"]) == (64, 64)
     header = run.metrics.read_text().splitlines()[0]
     assert "train/loss" in header and "val/knn_acc" in header
     assert not [p for p in run.root.rglob("*.tmp")]

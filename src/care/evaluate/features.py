@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from rich.progress import Progress
 from torch import Tensor, nn
@@ -40,7 +42,8 @@ def extract_features(
     loader = DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin
     )
-    with Progress(transient=True) as progress:
+    # a live bar on a terminal; none in a file or a pipe (rich leaves a blank line there)
+    with Progress(transient=True, disable=not sys.stdout.isatty()) as progress:
         task = progress.add_task(description, total=len(loader))
         for images, y in loader:
             x = eval_transform(

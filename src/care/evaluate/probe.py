@@ -13,6 +13,7 @@ model selection on test.
 from __future__ import annotations
 
 import statistics
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -180,7 +181,8 @@ def linear_probe(
     train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, num_classes: int, cfg: Config
 ) -> LinearProbeResult:
     """The probe over ``cfg.probe_seeds`` seeds: mean ± std of test accuracy (in %)."""
-    with Progress(transient=True) as progress:
+    # a live bar on a terminal; none in a file or a pipe (rich leaves a blank line there)
+    with Progress(transient=True, disable=not sys.stdout.isatty()) as progress:
         task = progress.add_task(f"linear probe ({cfg.probe_seeds} seeds)", total=cfg.probe_epochs)
         accuracies = [
             100.0 * accuracy
@@ -280,18 +282,27 @@ def method_label(result: dict[str, Any]) -> str:
     return f"{result['method']} ({views} views)" if views else str(result["method"])
 
 
+def report_console() -> Console:
+    """A rich Console for result tables: the terminal's width on a terminal, and wide enough
+    for any table in a file or a pipe (rich would cut it to 80 columns there)."""
+    return Console() if sys.stdout.isatty() else Console(width=1000)
+
+
 def print_results(results: list[dict[str, Any]], console: Console | None = None) -> None:
     """The results table: one row per run."""
     table = Table(title="Linear probe and kNN accuracy (%)")
-    for column in ("run", "method", "dataset", "kNN", "linear probe"):
-        table.add_column(column, justify="right" if column in ("kNN", "linear probe") else "left")
+    for column in ("run", "method", "dataset", "kNN", "kNN bank", "linear probe"):
+        right = column in ("kNN", "kNN bank", "linear probe")
+        table.add_column(column, justify="right" if right else "left")
     for r in results:
         linear = r["linear"]
+        bank = r.get("features", {}).get("train")
         table.add_row(
             r["run"],
             method_label(r),
             r["dataset"],
             f"{r['knn']['accuracy']:.2f}",
+            "?" if bank is None else f"{bank:,} train images",
             f"{linear['mean']:.2f} ± {linear['std']:.2f} ({len(linear['per_seed'])} seeds)",
         )
-    (console or Console()).print(table)
+    (console or report_console()).print(table)

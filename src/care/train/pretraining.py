@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from torch.utils.data import DataLoader
 
@@ -32,7 +33,7 @@ from care.runs import (
     rank_zero_lock,
     save_weights,
 )
-from care.train.callbacks import KNNMonitor, MetricsCSV, Throughput
+from care.train.callbacks import KNNMonitor, MetricsCSV, Progress, Throughput
 from care.train.checkpoints import LastCheckpoint, LoaderPosition, SameCheckpointOnEveryRank
 from care.train.loggers import build_loggers, finish_loggers
 
@@ -62,23 +63,27 @@ def train_into_run(cfg: Config) -> RunDir:
     info = data_info(cfg, images)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     method = build_method(cfg, info)
-    throughput = Throughput(cfg.batch_size * cfg.devices * cfg.num_nodes)
+    images_per_step = cfg.batch_size * cfg.devices * cfg.num_nodes
+    throughput = Throughput(images_per_step)
+    monitored = cfg.knn_every > 0
+    knn = knn_callbacks(cfg, run, info.num_classes) if monitored else []
+    knn_monitor = next((c for c in knn if isinstance(c, KNNMonitor)), None)
     callbacks: list[Callback] = [
         SameCheckpointOnEveryRank(resume_from, run.root),
         LastCheckpoint(run.last_checkpoint, cfg.checkpoint_every_steps),
         position := LoaderPosition(),
         MetricsCSV(run.metrics, cfg.log_every),
         throughput,
-        TQDMProgressBar(refresh_rate=cfg.log_every),  # it reads the losses: on logging steps
+        # refreshed by the clock, not on logging steps: it shows the last logged loss
+        Progress(images_per_step, knn_monitor, every_s=progress_interval()),
+        *knn,
     ]
-    monitored = cfg.knn_every > 0
-    if monitored:
-        callbacks += knn_callbacks(cfg, run, info.num_classes)
     trainer = build_trainer(cfg, run, callbacks, monitored=monitored)
     monitor = knn_monitor_loaders(cfg, trainer.global_rank, trainer.world_size)
     if trainer.is_global_zero:  # rank 0 alone writes; Lightning saves checkpoints on rank 0 only
         warn_if_bf16_is_emulated(cfg, trainer)
         run.root.mkdir(parents=True, exist_ok=True)
+        cfg = run.with_data_root(cfg)  # config.yaml names the folder the data was read from
         run.write_config(cfg)
     sampler = EpochSampler(len(images), cfg.seed, trainer.global_rank, trainer.world_size)
     loader = make_loader(images, cfg, sampler)
@@ -93,9 +98,16 @@ def train_into_run(cfg: Config) -> RunDir:
     )
     finish_loggers(trainer.loggers)
     if trainer.global_rank == 0:
-        save_weights(method.encoder.backbone, run.backbone)
-        save_weights(method.encoder.head, run.head)
-        knn = trainer.callback_metrics.get("val/knn_acc")
+        save_weights(
+            method.encoder.backbone,
+            run.backbone,
+            run.weights_metadata(cfg, info, images, "backbone"),
+        )
+        save_weights(
+            method.encoder.head, run.head, run.weights_metadata(cfg, info, images, "projection")
+        )
+        run.write_encoder_export()  # encoder.pt2: the backbone for PyTorch without care
+        knn_acc = trainer.callback_metrics.get("val/knn_acc")
         atomic_write_json(
             run.summary,
             {
@@ -112,12 +124,33 @@ def train_into_run(cfg: Config) -> RunDir:
                 "global_batch": cfg.batch_size * trainer.world_size,
                 "precision": cfg.precision,
                 "memory_format": cfg.memory_format,
-                "final_knn_acc": None if knn is None else float(knn),
+                # the online monitor's last check, in %, over a bank of knn_bank_size images
+                "final_knn_acc_percent": None if knn_acc is None else float(knn_acc),
+                "knn_bank_size": None if knn_monitor is None else knn_monitor.bank_size,
+                "knn_test_size": None if knn_monitor is None else knn_monitor.test_size,
                 "wall_time_s": time.perf_counter() - started,
                 **throughput.summary(),
             },
         )
     return run
+
+
+def progress_interval() -> float | None:
+    """Seconds between progress refreshes from ``CARE_PROGRESS_S`` (0: every step), or None
+    for :class:`Progress`'s own (2 s on a terminal, 30 s in a file or a pipe)."""
+    value = os.environ.get("CARE_PROGRESS_S", "").strip()
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:
+        raise CareError(
+            f"CARE_PROGRESS_S={value!r} is not a number of seconds: give e.g. 2 (0: every step) "
+            "or unset it"
+        )
+    return seconds
 
 
 def pretraining_images(cfg: Config) -> LabeledImages:
