@@ -1,10 +1,12 @@
-"""The `care` command: `care pretrain | probe | equivariance | ablate`.
+"""The `care` command: `care pretrain | probe | equivariance | ablate | embed | show-augment`.
 
 - ``care pretrain [--config FILE] key=value ...``: pretrain simclr, care, equi_unif, moco, ...
 - ``care probe RUN_DIR ... [key=value ...]``: linear probe and kNN → probe.json
 - ``care equivariance RUN_DIR [--against RUN_DIR2] [key=value ...]``: Wahba error, γ_f, ...
 - ``care ablate [--config FILE] [--only infonce,equi_unif,care] key=value ...``: the loss
   ablation of the paper's Figure 2 → ablation.json, ablation.md, ablation.png
+- ``care embed RUN_DIR out=FILE [key=value ...]``: embeddings and labels of a split, and with
+  ``neighbours=K`` a nearest-neighbour grid
 - ``care show-augment [--config FILE] key=value ... out=FILE.png``: real images under the
   configured augmentation, one row per group, before a pretraining is spent on the recipe
 
