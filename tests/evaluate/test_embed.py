@@ -17,13 +17,13 @@ from safetensors.torch import load_file
 from care.cli import main
 from care.data import load_dataset, load_split
 from care.evaluate.embed import (
-    ImagesPerSecond,
     label_text,
     labels_path,
     nearest_neighbours,
     neighbours_path,
     pick_queries,
 )
+from care.evaluate.features import ImagesPerSecond
 from care.runs import RunDir, load_encoder
 from tests.conftest import fails_with_one_line, tiny
 from tests.data.test_cifar import write_cifar10

@@ -20,27 +20,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    Task,
-    TextColumn,
-    TimeRemainingColumn,
-)
-from rich.text import Text
 from safetensors.torch import save
 from torch import Tensor
-from torch.utils.data import DataLoader
 
 from care.config import Config, with_overrides
 from care.data import LabeledImages, load_split, resolve_data_root
 from care.data.registry import SPLITS
 from care.errors import CareError
+from care.evaluate.features import extract_features
 from care.hardware import (
-    autocast_for,
     evaluation_device,
     evaluation_precision,
     requested_precision,
@@ -119,14 +107,6 @@ class EmbedResult:
         return self.count / self.seconds if self.seconds > 0 else float("nan")
 
 
-class ImagesPerSecond(ProgressColumn):
-    """The progress bar's speed in images per second."""
-
-    def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text("– images/s" if speed is None else f"{speed:,.0f} images/s")
-
-
 def output_kind(out: str | Path) -> str:
     """``out``'s format (:data:`FORMATS`); another extension is a one-line error."""
     suffix = Path(out).suffix.lower()
@@ -197,7 +177,6 @@ def nearest_neighbours(embeddings: Tensor, queries: list[int], k: int) -> tuple[
     return found, values.float()
 
 
-@torch.no_grad()
 def embed_images(
     encoder: TrainedEncoder,
     dataset: LabeledImages,
@@ -209,38 +188,22 @@ def embed_images(
     num_workers: int = 0,
     description: str = "embedding",
 ) -> tuple[Tensor, Tensor]:
-    """``encoder`` applied to every image of ``dataset``, ``batch_size`` at a time on ``device``:
-    (float32 embeddings, labels) on the CPU. The evaluation transform runs in float32, the
-    network under autocast for a mixed ``precision`` and in ``memory_format``; on a terminal, a
-    progress bar on stderr shows images per second."""
-    device = torch.device(device)
-    encoder.eval().to(device)
-    encoder.net.to(memory_format=memory_format)  # type: ignore[call-overload]
-    pin = device.type == "cuda"
-    loader = DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin
+    """``encoder`` applied to every image of ``dataset`` (:func:`extract_features` with the
+    encoder's own preprocessing, in float32, and its network under autocast): (float32
+    embeddings, labels) on the CPU."""
+    encoder.eval().to(device)  # the preprocessing's mean and std too
+    embeddings, labels = extract_features(
+        encoder.net,
+        dataset,
+        encoder.preprocess,
+        batch_size=batch_size,
+        device=device,
+        precision=precision,
+        memory_format=memory_format,
+        num_workers=num_workers,
+        description=description,
     )
-    embeddings, labels = [], []
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        ImagesPerSecond(),
-        TimeRemainingColumn(),
-    )
-    console = Console(stderr=True)  # stdout keeps the result line alone
-    with Progress(
-        *columns, console=console, transient=True, disable=not console.is_terminal
-    ) as progress:
-        task = progress.add_task(description, total=len(dataset))
-        for images, y in loader:
-            x = encoder.preprocess(images.to(device, non_blocking=pin))
-            x = x.contiguous(memory_format=memory_format)
-            with autocast_for(precision, device):
-                embeddings.append(encoder.net(x).float().cpu())
-            labels.append(y)
-            progress.advance(task, len(y))
-    return torch.cat(embeddings), torch.cat(labels).long()
+    return embeddings, labels.long()
 
 
 def data_config(cfg: Config, dataset: str | None, data_root: str | None) -> Config:
