@@ -34,6 +34,7 @@ def same_weights(a: Path, b: Path) -> None:
     [
         ("method=care", "views=separate"),
         ("method=care_moco", "queue_size=64", "knn_every=0"),
+        ("method=care", "views=shared", "precision=bf16-mixed", "memory_format=channels_last"),
     ],
 )
 def test_a_run_resumed_from_any_checkpoint_ends_with_the_same_weights(
