@@ -5,6 +5,7 @@ overridden), followed by `care probe` and `care equivariance RUN --against <simc
 (20 shared augmentation trials). Runs are resumable: a finished run, probe or equivariance file is
 reused, so the script can be stopped and started again.
 
+    python benchmarks/quality.py --stage full                      # all 60,000 images, 3 seeds
     python benchmarks/quality.py --stage main --seeds 3            # 5 methods × 3 seeds, λ 0.01
     python benchmarks/quality.py --stage main --weight 0.1 --variants simclr,care-shared
     python benchmarks/quality.py --stage sweep --lambdas 0.1,1.0 --sweep-views separate
@@ -16,7 +17,9 @@ Settings after the options (`train_samples=20000 epochs=3`, the default budget) 
 and name its folder, --out/<budget>. After every stage the report covers every finished run in that
 folder, whichever stage made it: quality.md has one row per method and λ (mean ± std over its
 pretraining seeds), quality.json the per-run figures, quality.png the probe and W_f ÷ invariance
-bars, lambda_sweep.png the care runs of seed 0 against λ. The script holds the budget folder's lock
+bars, lambda_sweep.png the care runs of seed 0 against λ, knn_vs_time.png the online kNN accuracy
+against training seconds and epochs. Where methods share seeds with simclr, quality.md also has
+each one's paired difference to simclr with a 95% t-interval. The script holds the budget folder's lock
 (`.care.lock`, see care.runs.RunLock) while it runs: a second quality.py on the same folder is
 refused while the first one lives.
 """
@@ -24,13 +27,17 @@ refused while the first one lives.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import math
 import statistics
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from scipy import stats
 
 from care.errors import CareError
 from care.runs import RunLock
@@ -45,6 +52,13 @@ VARIANTS: dict[str, list[str]] = {
 }
 LAMBDAS = (0.01, 0.03, 0.1, 0.3, 1.0)
 DEFAULT_BUDGET = ["train_samples=20000", "epochs=3"]
+#: The full stage: all 60,000 Fashion-MNIST images, as many epochs as fit the whole comparison
+#: (15 runs) in about 100 minutes of a 2-core CPU, and a kNN check 3 times an epoch (234 steps).
+FULL_BUDGET = ["train_samples=60000", "epochs=2", "knn_every_steps=78", "knn_bank_samples=5000"]
+#: λ of the full stage's separate-view runs: the paper's, and the two a short sweep liked.
+FULL_SEPARATE_LAMBDAS = (0.01, 0.1, 0.3)
+#: λ of its shared-view runs: the best probe of the shared-view sweep (README, 20k images × 3).
+FULL_SHARED_LAMBDA = 0.03
 
 
 @dataclass
@@ -129,6 +143,8 @@ def collect(run: Run, out: Path) -> dict[str, Any]:
         "gamma": mine["gamma_mean"],
         "composition": mine.get("composition_error_mean"),
         "step_time_s": summary.get("step_time_s"),
+        "wall_time_s": summary.get("wall_time_s"),  # the whole `care pretrain` fit, kNN included
+        "train_time_s": training_seconds(out),  # kNN checks excluded
         **run.tags,
     }
     if len(equi["results"]) > 1:  # paired with the simclr run of the same seed
@@ -138,7 +154,112 @@ def collect(run: Run, out: Path) -> dict[str, Any]:
     return row
 
 
-METRICS = ("linear", "knn", "wahba", "wahba_ratio", "gamma", "composition", "step_time_s")
+METRICS = (
+    "linear",
+    "knn",
+    "wahba",
+    "wahba_ratio",
+    "gamma",
+    "composition",
+    "step_time_s",
+    "wall_time_s",
+    "train_time_s",
+)
+#: Paired against simclr on the same seeds: metric → (name, True where higher is better).
+PAIRED = {
+    "linear": ("linear probe (points)", True),
+    "knn": ("kNN (points)", True),
+    "wahba_ratio": ("W_f ÷ inv. dist.", False),
+    "wahba": ("W_f/√n", False),
+    "gamma": ("γ_f", False),
+}
+
+
+def knn_curve(out: Path) -> list[dict[str, float]]:
+    """The online kNN checks of a run from its metrics.csv: training seconds (``time_s``, kNN
+    excluded; absent in runs older than the column), epochs and accuracy in %."""
+    summary = json.loads((out / "summary.json").read_text())
+    steps_per_epoch = summary["steps"] / max(1, summary["epochs"])
+    with (out / "metrics.csv").open(newline="") as handle:
+        rows = [r for r in csv.DictReader(handle) if r.get("val/knn_acc")]
+    return [
+        {
+            "time_s": float(r["time_s"]) if r.get("time_s") else math.nan,
+            "epochs": int(r["step"]) / steps_per_epoch,
+            "knn": float(r["val/knn_acc"]),
+        }
+        for r in rows
+    ]
+
+
+def training_seconds(out: Path) -> float | None:
+    """The last ``time_s`` of a run's metrics.csv: its seconds of training, kNN checks excluded."""
+    with (out / "metrics.csv").open(newline="") as handle:
+        seconds = [float(r["time_s"]) for r in csv.DictReader(handle) if r.get("time_s")]
+    return max(seconds) if seconds else None
+
+
+def paired_interval(differences: list[float], confidence: float = 0.95) -> dict[str, float]:
+    """Mean of paired differences (method − simclr, one per seed) and its two-sided Student-t
+    interval; no interval from one seed."""
+    n = len(differences)
+    result = {"n": float(n), "mean": statistics.fmean(differences)}
+    if n > 1:
+        half = stats.t.ppf(0.5 + confidence / 2, n - 1) * statistics.stdev(differences) / n**0.5
+        result |= {"low": result["mean"] - half, "high": result["mean"] + half}
+    return result
+
+
+def verdict(interval: dict[str, float], higher_is_better: bool) -> str:
+    """ "CARE is better" only where the interval excludes 0 on CARE's side."""
+    if "low" not in interval:
+        return "one seed: no interval"
+    if interval["low"] > 0 or interval["high"] < 0:
+        care_side = (interval["low"] > 0) == higher_is_better
+        return "CARE is better" if care_side else "SimCLR is better"
+    return "no difference detected"
+
+
+def paired_markdown(table: dict[str, dict[str, Any]]) -> str:
+    """Each method's paired difference to simclr over the same seeds, with 95% t-intervals."""
+    names = [n for n, e in table.items() if "paired" in e]
+    if not names:
+        return ""
+    heads = " | ".join(f"Δ {PAIRED[m][0]}" for m in PAIRED)
+    lines = [
+        "### Paired against simclr (same pretraining seeds)",
+        "",
+        f"| method − simclr | seeds | {heads} | probe verdict | W_f ÷ inv. verdict |",
+        "|---|---|" + "---|" * (len(PAIRED) + 2),
+    ]
+    for name in names:
+        paired = table[name]["paired"]
+        cells = []
+        for metric, (_, _) in PAIRED.items():
+            interval = paired.get(metric)
+            if interval is None:
+                cells.append("–")
+            elif "low" in interval:
+                digits = 2 if metric in ("linear", "knn") else 3
+                cells.append(
+                    f"{interval['mean']:+.{digits}f} "
+                    f"[{interval['low']:+.{digits}f}, {interval['high']:+.{digits}f}]"
+                )
+            else:
+                cells.append(f"{interval['mean']:+.3f}")
+        probe = paired.get("linear")
+        ratio = paired.get("wahba_ratio")
+        lines.append(
+            f"| {name} | {int(paired['linear']['n'])} | {' | '.join(cells)} | "
+            f"{verdict(probe, True) if probe else '–'} | "
+            f"{verdict(ratio, False) if ratio else '–'} |"
+        )
+    lines += [
+        "",
+        "Mean of the per-seed differences [95% Student-t interval over seeds]. A verdict names a "
+        "method only where its interval excludes 0; lower W_f ÷ invariance distance is better.",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def aggregate(rows: list[dict[str, Any]], key: str) -> dict[str, dict[str, Any]]:
@@ -281,7 +402,10 @@ def budget_tag(budget: list[str]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--stage", choices=("main", "sweep", "long", "precision", "report"), default="main"
+        "--stage",
+        choices=("main", "sweep", "long", "precision", "full", "report"),
+        default="main",
+        help="full: the 60,000-image comparison (its own default budget, FULL_BUDGET)",
     )
     parser.add_argument("--seeds", type=int, default=3, help="pretraining seeds (main stage)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="main-stage variants")
@@ -296,7 +420,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/quality")
     parser.add_argument("budget", nargs="*", help="key=value settings for every run")
     args = parser.parse_args()
-    budget = args.budget or DEFAULT_BUDGET
+    budget = args.budget or (FULL_BUDGET if args.stage == "full" else DEFAULT_BUDGET)
     tag = budget_tag(budget)
     root = Path(args.out) / tag
     root.mkdir(parents=True, exist_ok=True)
@@ -340,7 +464,23 @@ def main() -> None:
         for v in ("simclr", f"care-{args.views}")
         for p in ("32", "bf16-mixed")
     ]
+    full_runs = [  # seed by seed, so that a stopped comparison has whole seeds
+        Run(
+            run_name(variant, weight, seed),
+            variant,
+            seed,
+            [*VARIANTS[variant], *([] if weight is None else [f"weight={weight}"])],
+            weight,
+        )
+        for seed in range(args.seeds)
+        for variant, weight in (
+            ("simclr", None),
+            *(("care-separate", lam) for lam in FULL_SEPARATE_LAMBDAS),
+            ("care-shared", FULL_SHARED_LAMBDA),
+        )
+    ]
     stages = {
+        "full": full_runs,
         "main": main_runs,
         "sweep": sweep_runs,
         "long": long_runs,

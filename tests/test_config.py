@@ -111,6 +111,7 @@ def test_settings_that_do_not_change_what_is_learned_are_marked_once() -> None:
         "out",
         "resume",
         "knn_every",
+        "knn_every_steps",
         "knn_bank_samples",
         "log_every",
         "memory_format",

@@ -115,6 +115,8 @@ class Config:
     seed: int = 0
     # online monitor and evaluation
     knn_every: int = field(default=1, metadata=UNTRAINED)  # epochs between kNN checks; 0: off
+    # optimizer steps between kNN checks, counted across epochs (0: every knn_every epochs)
+    knn_every_steps: int = field(default=0, metadata=UNTRAINED)
     knn_k: int = field(default=200, metadata=EVALUATION)
     knn_temperature: float = field(default=0.1, metadata=EVALUATION)
     # training images in the online kNN bank (None: all)
@@ -286,6 +288,7 @@ def validate(cfg: Config) -> None:
         "warmup_epochs",
         "probe_weight_decay",
         "knn_every",
+        "knn_every_steps",
         "num_workers",
         "checkpoint_every_steps",
     ):

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 
+import care.train.callbacks as callbacks
 from care.config import load_config
 from care.errors import CareError
 from care.train import pretrain
@@ -240,3 +241,47 @@ def test_care_progress_s_sets_the_refresh(monkeypatch: pytest.MonkeyPatch) -> No
         monkeypatch.setenv("CARE_PROGRESS_S", bad)
         with pytest.raises(CareError, match="CARE_PROGRESS_S"):
             progress_interval()
+
+
+def test_knn_every_steps_checks_across_epochs_and_rows_carry_training_seconds(
+    fake_fmnist: Path, tmp_path: Path
+) -> None:
+    """4 steps per epoch, 2 epochs, a check every 3 steps: at steps 3 and 6 (inside epoch 1),
+    not at the epoch ends; time_s never goes back."""
+    settings = ("epochs=2", "knn_every=0", "knn_every_steps=3", "log_every=20")
+    run = pretrain(load_config(None, tiny(fake_fmnist, tmp_path / "r", *settings)))
+    with run.metrics.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    checks = [(int(r["epoch"]), int(r["step"])) for r in rows if r.get("val/knn_acc")]
+    assert checks == [(0, 3), (1, 6)]
+    seconds = [float(r["time_s"]) for r in rows]
+    assert all(s > 0 for s in seconds) and seconds == sorted(seconds)
+    assert json.loads(run.summary.read_text())["final_knn_acc_percent"] is not None
+
+
+def test_metrics_time_excludes_validation_and_counts_on_after_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = [100.0]
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: now[0])
+    path = tmp_path / "metrics.csv"
+    # an earlier attempt: rows up to step 4 survive the restore, the one at step 6 does not
+    path.write_text("epoch,step,time_s,train/loss\n0,2,5.0,1.0\n0,4,7.5,0.9\n0,6,99.0,0.8\n")
+    logger = callbacks.MetricsCSV(path, every=2)
+    trainer = _trainer(global_step=4, num_training_batches=10)
+    logger.on_train_start(trainer, NO_MODULE)
+    now[0] += 2.0  # two seconds of training
+    logger.on_validation_start(trainer, NO_MODULE)
+    now[0] += 30.0  # the kNN check itself
+    trainer.callback_metrics = {"val/knn_acc": torch.tensor(50.0)}
+    logger.on_validation_end(trainer, NO_MODULE)
+    now[0] += 1.0
+    trainer.global_step = 6
+    trainer.callback_metrics = {"train/loss": torch.tensor(0.7)}
+    logger.on_train_batch_end(trainer, NO_MODULE, None, None, 5)
+    assert [(r["step"], float(r["time_s"])) for r in logger.rows] == [
+        ("2", 5.0),
+        ("4", 7.5),
+        (4, 9.5),
+        (6, 10.5),
+    ]

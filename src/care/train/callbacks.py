@@ -89,13 +89,20 @@ class MetricsCSV(Callback):
     """``metrics.csv``: one row per logged step (every ``every`` steps and each epoch's last), and
     one per validation, rewritten atomically at each epoch's end, so every epoch has a loss row.
 
-    On resume, rows past the restored step (from the killed attempt) are dropped.
+    Each row has ``time_s``: the seconds spent training up to it, validation (the kNN monitor)
+    excluded, so methods compare per second of training whatever the monitor costs. A resumed run
+    counts on from its last kept row. On resume, rows past the restored step (from the killed
+    attempt) are dropped.
     """
 
     def __init__(self, path: Path, every: int) -> None:
         self.path, self.every = path, every
         self.rows: list[dict[str, Any]] = []
         self.writer = True  # rank 0 alone writes (set at fit start)
+        self.clock_offset = 0.0  # training seconds of earlier attempts (resume)
+        self.started = time.perf_counter()
+        self.validating_since: float | None = None
+        self.validation_s = 0.0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.rows = []
@@ -106,9 +113,22 @@ class MetricsCSV(Callback):
                     for r in csv.DictReader(handle)
                     if int(r.get("step") or 0) <= trainer.global_step
                 ]
+        self.clock_offset = max((float(r.get("time_s") or 0.0) for r in self.rows), default=0.0)
+        self.started, self.validation_s = time.perf_counter(), 0.0
+
+    def training_seconds(self) -> float:
+        """Seconds spent training so far, across attempts, validation excluded."""
+        return self.clock_offset + time.perf_counter() - self.started - self.validation_s
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.validating_since = time.perf_counter()
 
     def _record(self, trainer: L.Trainer, prefix: str) -> None:
-        row: dict[str, Any] = {"epoch": trainer.current_epoch, "step": trainer.global_step}
+        row: dict[str, Any] = {
+            "epoch": trainer.current_epoch,
+            "step": trainer.global_step,
+            "time_s": round(self.training_seconds(), 3),
+        }
         for key, value in trainer.callback_metrics.items():
             if key.startswith(prefix):
                 row[key] = float(value)
@@ -128,6 +148,9 @@ class MetricsCSV(Callback):
             self._record(trainer, "train/")
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.validating_since is not None:
+            self.validation_s += time.perf_counter() - self.validating_since
+            self.validating_since = None
         if not trainer.sanity_checking:
             self._record(trainer, "val/")
             self.flush()

@@ -65,7 +65,7 @@ def train_into_run(cfg: Config) -> RunDir:
     method = build_method(cfg, info)
     images_per_step = cfg.batch_size * cfg.devices * cfg.num_nodes
     throughput = Throughput(images_per_step)
-    monitored = cfg.knn_every > 0
+    monitored = knn_monitored(cfg)
     knn = knn_callbacks(cfg, run, info.num_classes) if monitored else []
     knn_monitor = next((c for c in knn if isinstance(c, KNNMonitor)), None)
     callbacks: list[Callback] = [
@@ -170,14 +170,27 @@ def pretraining_images(cfg: Config) -> LabeledImages:
 
 def knn_monitor_loaders(cfg: Config, rank: int = 0, world_size: int = 1) -> list[DataLoader]:
     """The online kNN monitor's bank (the first ``knn_bank_samples`` training images) and test
-    split, this rank's shard of each, or none when ``knn_every=0``."""
-    if cfg.knn_every == 0:
+    split, this rank's shard of each, or none when the monitor is off."""
+    if not knn_monitored(cfg):
         return []
     bank = load_split(cfg, "train")
     if cfg.knn_bank_samples is not None and cfg.knn_bank_samples < len(bank):
         bank = bank.subset(cfg.knn_bank_samples)
     test = load_split(cfg, "test")
     return [make_loader(split, cfg, rank=rank, world_size=world_size) for split in (bank, test)]
+
+
+def knn_monitored(cfg: Config) -> bool:
+    """Whether the online kNN monitor runs: every ``knn_every`` epochs or ``knn_every_steps``."""
+    return cfg.knn_every > 0 or cfg.knn_every_steps > 0
+
+
+def knn_schedule(cfg: Config) -> dict[str, Any]:
+    """The Trainer's validation schedule: every ``knn_every_steps`` training steps counted across
+    epochs when that is set (the accuracy-against-time curve), else every ``knn_every`` epochs."""
+    if cfg.knn_every_steps > 0:
+        return {"val_check_interval": cfg.knn_every_steps, "check_val_every_n_epoch": None}
+    return {"check_val_every_n_epoch": max(1, cfg.knn_every)}
 
 
 def knn_callbacks(cfg: Config, run: RunDir, num_classes: int) -> list[Callback]:
@@ -218,7 +231,7 @@ def build_trainer(
         callbacks=callbacks,
         plugins=plugins,
         use_distributed_sampler=False,
-        check_val_every_n_epoch=max(1, cfg.knn_every),
+        **knn_schedule(cfg),
         limit_val_batches=1.0 if monitored else 0,
         enable_checkpointing=monitored,  # best.ckpt; LastCheckpoint writes last.ckpt
         num_sanity_val_steps=0,
