@@ -205,9 +205,29 @@ def paired_interval(differences: list[float], confidence: float = 0.95) -> dict[
     n = len(differences)
     result = {"n": float(n), "mean": statistics.fmean(differences)}
     if n > 1:
-        half = stats.t.ppf(0.5 + confidence / 2, n - 1) * statistics.stdev(differences) / n**0.5
+        quantile = float(stats.t.ppf(0.5 + confidence / 2, n - 1))
+        half = quantile * statistics.stdev(differences) / n**0.5
         result |= {"low": result["mean"] - half, "high": result["mean"] + half}
     return result
+
+
+def paired_differences(
+    members: list[dict[str, Any]], baseline: dict[int, dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """Per metric of PAIRED: the differences member − simclr over the seeds both have, and
+    their :func:`paired_interval`."""
+    paired: dict[str, dict[str, Any]] = {}
+    for metric in PAIRED:
+        differences = [
+            m[metric] - baseline[m["seed"]][metric]
+            for m in members
+            if m["seed"] in baseline
+            and m.get(metric) is not None
+            and baseline[m["seed"]].get(metric) is not None
+        ]
+        if differences:
+            paired[metric] = {**paired_interval(differences), "differences": differences}
+    return paired
 
 
 def verdict(interval: dict[str, float], higher_is_better: bool) -> str:
@@ -302,8 +322,8 @@ def markdown(table: dict[str, dict[str, Any]], title: str, label: str) -> str:
         "",
         f"| {label} | seeds | linear probe % | kNN % | W_f/√n | W_f ÷ inv. dist. | γ_f | "
         "composition | probe − simclr (same seeds) | trials with lower W_f than simclr | "
-        "… lower W_f ÷ inv. |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "… lower W_f ÷ inv. | pretrain wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, e in table.items():
         lower = f"{e['lower_wahba_trials']}/{e['trials']}" if "trials" in e else "–"
@@ -311,14 +331,16 @@ def markdown(table: dict[str, dict[str, Any]], title: str, label: str) -> str:
         lines.append(
             f"| {name} | {e['seeds']} | {_cell(e, 'linear', 2)} | {_cell(e, 'knn', 2)} | "
             f"{_cell(e, 'wahba', 4)} | {_cell(e, 'wahba_ratio', 3)} | {_cell(e, 'gamma', 3)} | "
-            f"{_cell(e, 'composition', 3)} | {_signed(e)} | {lower} | {ratio} |"
+            f"{_cell(e, 'composition', 3)} | {_signed(e)} | {lower} | {ratio} | "
+            f"{_cell(e, 'wall_time_s', 0)} |"
         )
     lines += [
         "",
         "Means ± standard deviation over pretraining seeds; the probe of each run is itself the mean "
         "of 3 probe seeds. W_f, γ_f and composition error: projection-head embeddings of 2,000 test "
         "images, 20 shared augmentations (`care equivariance RUN --against SIMCLR trials=20`); the "
-        "paired columns count trials, summed over seeds.",
+        "paired columns count trials, summed over seeds. Pretrain wall s: the whole `care "
+        "pretrain` fit of one run (mean over seeds), online kNN checks included.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -360,6 +382,46 @@ def plot_main(table: dict[str, dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def plot_knn_curves(groups: dict[str, list[dict[str, Any]]], path: Path, title: str) -> bool:
+    """Online kNN accuracy against training seconds and against epochs, one line per method (the
+    mean over its seeds at each check, a band from the lowest to the highest seed); False, and no
+    file, when no method has two checks."""
+    curves = {}
+    for name, members in groups.items():
+        runs = [knn_curve(Path(m["run"])) for m in members]
+        length = min(len(c) for c in runs)
+        if length >= 2:
+            curves[name] = [[c[i] for c in runs] for i in range(length)]
+    if not curves:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for name, checks in curves.items():
+        accuracy = [statistics.fmean(p["knn"] for p in check) for check in checks]
+        low = [min(p["knn"] for p in check) for check in checks]
+        high = [max(p["knn"] for p in check) for check in checks]
+        style = "--" if name.startswith("simclr") else "-"
+        for ax, axis in ((axes[0], "time_s"), (axes[1], "epochs")):
+            x = [statistics.fmean(p[axis] for p in check) for check in checks]
+            (line,) = ax.plot(
+                x, accuracy, style, marker="o", ms=3, label=f"{name} ({len(checks[0])}×)"
+            )
+            ax.fill_between(x, low, high, color=line.get_color(), alpha=0.12)
+    axes[0].set_xlabel("training seconds (kNN checks excluded; mean over seeds)")
+    axes[1].set_xlabel("epochs")
+    axes[0].set_ylabel("online kNN accuracy (%)")
+    axes[1].legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"{title}: online kNN (n× = seeds; band: lowest to highest seed)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def plot_sweep(rows: list[dict[str, Any]], path: Path, baseline: dict[str, Any] | None) -> None:
     import matplotlib
 
@@ -391,6 +453,27 @@ def plot_sweep(rows: list[dict[str, Any]], path: Path, baseline: dict[str, Any] 
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def full_stage_runs(seeds: int) -> list[Run]:
+    """The full stage, seed by seed (a stopped comparison has whole seeds): simclr, care with
+    separate views at each of FULL_SEPARATE_LAMBDAS, care with shared views at FULL_SHARED_LAMBDA."""
+    chosen: list[tuple[str, float | None]] = [
+        ("simclr", None),
+        *(("care-separate", lam) for lam in FULL_SEPARATE_LAMBDAS),
+        ("care-shared", FULL_SHARED_LAMBDA),
+    ]
+    return [
+        Run(
+            run_name(variant, weight, seed),
+            variant,
+            seed,
+            [*VARIANTS[variant], *([] if weight is None else [f"weight={weight}"])],
+            weight,
+        )
+        for seed in range(seeds)
+        for variant, weight in chosen
+    ]
 
 
 def budget_tag(budget: list[str]) -> str:
@@ -464,23 +547,8 @@ def main() -> None:
         for v in ("simclr", f"care-{args.views}")
         for p in ("32", "bf16-mixed")
     ]
-    full_runs = [  # seed by seed, so that a stopped comparison has whole seeds
-        Run(
-            run_name(variant, weight, seed),
-            variant,
-            seed,
-            [*VARIANTS[variant], *([] if weight is None else [f"weight={weight}"])],
-            weight,
-        )
-        for seed in range(args.seeds)
-        for variant, weight in (
-            ("simclr", None),
-            *(("care-separate", lam) for lam in FULL_SEPARATE_LAMBDAS),
-            ("care-shared", FULL_SHARED_LAMBDA),
-        )
-    ]
     stages = {
-        "full": full_runs,
+        "full": full_stage_runs(args.seeds),
         "main": main_runs,
         "sweep": sweep_runs,
         "long": long_runs,
@@ -546,19 +614,25 @@ def write_report(root: Path, budget: list[str]) -> None:
         name: aggregate(members, "variant")[members[0]["variant"]]
         for name, members in groups.items()
     }
-    for name, members in groups.items():  # probe gain over simclr of the same seed
+    for name, members in groups.items():  # differences to simclr of the same seed
+        if members[0]["variant"] == "simclr":
+            continue
         baseline = {
-            r["seed"]: r["linear"]
+            r["seed"]: r
             for r in rows
             if r["variant"] == "simclr" and r["precision"] == members[0]["precision"]
         }
-        gains = [m["linear"] - baseline[m["seed"]] for m in members if m["seed"] in baseline]
-        if gains and members[0]["variant"] != "simclr":
+        paired = paired_differences(members, baseline)
+        if "linear" in paired:
+            gains = paired["linear"]["differences"]
             table[name]["probe_gain"] = statistics.fmean(gains)
             table[name]["probe_gain_std"] = statistics.stdev(gains) if len(gains) > 1 else 0.0
+            table[name]["paired"] = paired
     title = f"Fashion-MNIST CPU preset, {' '.join(budget)}"
-    sections = [markdown(table, title, "method")]
+    sections = [markdown(table, title, "method"), paired_markdown(table)]
     plot_main(table, root / "quality.png", title)
+    if plot_knn_curves(groups, root / "knn_vs_time.png", title):
+        print(f"wrote {root / 'knn_vs_time.png'}")
     swept = [
         r
         for r in rows

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import platform
 import subprocess
@@ -15,6 +16,10 @@ import sys
 import warnings
 from pathlib import Path
 from types import ModuleType
+
+import numpy as np
+import pytest
+from scipy import stats
 
 from care.hardware import resolve_memory_format
 from tests.conftest import tiny
@@ -100,30 +105,97 @@ def test_bf16_effect_compares_loss_terms_and_gradients(tmp_path: Path, fake_fmni
 
 
 def test_quality_trains_probes_measures_and_reports(tmp_path: Path, fake_fmnist: Path) -> None:
+    """2 seeds of simclr and care-shared, with a kNN check every 2 of the 4 steps."""
     budget = tiny(fake_fmnist, tmp_path / "unused", "probe_epochs=1", "knn_every=0")
-    budget = [b for b in budget if not b.startswith("out=")]
+    budget = [b for b in budget if not b.startswith("out=")] + ["knn_every_steps=2"]
     out = tmp_path / "quality"
     _script(
-        "quality.py", "--stage", "main", "--seeds", "1", "--variants", "simclr,care-shared",
+        "quality.py", "--stage", "main", "--seeds", "2", "--variants", "simclr,care-shared",
         "--weight", "0.1", "--out", str(out), *budget,
     )  # fmt: skip
     (folder,) = out.iterdir()
     assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == [
         "care-shared-lam0.1-s0",
+        "care-shared-lam0.1-s1",
         "simclr-s0",
+        "simclr-s1",
     ]
     report = json.loads((folder / "quality.json").read_text())
-    rows = {r["variant"]: r for r in report["rows"]}
-    assert set(rows) == {"simclr", "care-shared"}
+    assert [(r["variant"], r["seed"]) for r in report["rows"]] == [
+        ("simclr", 0),
+        ("simclr", 1),
+        ("care-shared", 0),
+        ("care-shared", 1),
+    ]
+    rows = {r["variant"]: r for r in report["rows"] if r["seed"] == 0}
     care = rows["care-shared"]
     assert care["weight"] == 0.1 and rows["simclr"]["weight"] is None
     assert care["trials"] == 20 and 0 <= care["lower_ratio_trials"] <= 20
     for r in rows.values():
         assert 0.0 <= r["linear"] <= 100.0 and 0.0 <= r["knn"] <= 100.0
         assert r["wahba"] > 0.0 and r["wahba_ratio"] > 0.0
+        assert r["wall_time_s"] >= r["train_time_s"] > 0.0
+    by_seed = {(r["variant"], r["seed"]): r for r in report["rows"]}
+    paired = report["table"]["care-shared λ=0.1"]["paired"]
+    for metric in ("linear", "knn", "wahba_ratio", "wahba", "gamma"):
+        expected = [
+            by_seed["care-shared", s][metric] - by_seed["simclr", s][metric] for s in (0, 1)
+        ]
+        assert paired[metric]["differences"] == pytest.approx(expected)
+        assert paired[metric]["low"] <= paired[metric]["mean"] <= paired[metric]["high"]
     table = (folder / "quality.md").read_text()
-    assert "| simclr | 1 |" in table and "| care-shared λ=0.1 | 1 |" in table
+    assert "| simclr | 2 |" in table and "| care-shared λ=0.1 | 2 |" in table
+    assert "### Paired against simclr" in table and "| care-shared λ=0.1 | 2 | " in table
     assert (folder / "quality.png").stat().st_size > 5000
+    assert (folder / "knn_vs_time.png").stat().st_size > 5000
+
+
+def test_quality_paired_interval_is_the_paired_t_interval() -> None:
+    quality = _benchmark_module("quality")
+    # exact case: differences 1, 2, 3 have mean 2 and standard deviation 1; t(0.975, 2 df)
+    interval = quality.paired_interval([1.0, 2.0, 3.0])
+    half = 4.302652729911275 / math.sqrt(3)
+    assert (interval["low"], interval["mean"], interval["high"]) == pytest.approx(
+        (2 - half, 2.0, 2 + half)
+    )
+    # against scipy's paired t-test on the two samples
+    rng = np.random.default_rng(0)
+    simclr, care = rng.normal(80, 1, 5), rng.normal(80.5, 1, 5)
+    reference = stats.ttest_rel(care, simclr).confidence_interval(0.95)
+    interval = quality.paired_interval(list(care - simclr))
+    assert (interval["low"], interval["high"]) == pytest.approx(
+        (reference.low, reference.high), rel=1e-12
+    )
+    assert "low" not in quality.paired_interval([0.4])
+
+
+def test_quality_verdict_names_a_method_only_when_the_interval_excludes_zero() -> None:
+    verdict = _benchmark_module("quality").verdict
+    above = {"mean": 1.0, "low": 0.2, "high": 1.8}
+    below = {"mean": -1.0, "low": -1.8, "high": -0.2}
+    across = {"mean": 0.5, "low": -0.1, "high": 1.1}
+    assert verdict(above, True) == "CARE is better"  # probe accuracy went up
+    assert verdict(below, True) == "SimCLR is better"
+    assert verdict(below, False) == "CARE is better"  # W_f ÷ invariance distance went down
+    assert verdict(above, False) == "SimCLR is better"
+    assert verdict(across, True) == verdict(across, False) == "no difference detected"
+    assert verdict({"mean": 0.4, "n": 1}, True) == "one seed: no interval"
+
+
+def test_quality_full_stage_runs_every_method_on_the_same_seeds() -> None:
+    quality = _benchmark_module("quality")
+    runs = quality.full_stage_runs(3)
+    assert [r.name for r in runs[:5]] == [
+        "simclr-s0",
+        "care-separate-lam0.01-s0",
+        "care-separate-lam0.1-s0",
+        "care-separate-lam0.3-s0",
+        "care-shared-lam0.03-s0",
+    ]
+    assert [r.seed for r in runs] == [0] * 5 + [1] * 5 + [2] * 5
+    assert runs[6].overrides == ["method=care", "views=separate", "weight=0.01"]
+    assert runs[9].overrides == ["method=care", "views=shared", "weight=0.03"]
+    assert runs[0].overrides == ["method=simclr"]
 
 
 def test_quality_refuses_a_budget_folder_in_use(tmp_path: Path) -> None:
@@ -156,6 +228,7 @@ def _benchmark_module(name: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
