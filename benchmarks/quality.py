@@ -589,10 +589,11 @@ def discover(root: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def label(row: dict[str, Any]) -> str:
-    """``care-shared λ=0.1``, ``simclr``, ``simclr bf16-mixed``."""
+def label(row: dict[str, Any], usual_precision: str) -> str:
+    """``care-shared λ=0.1``, ``simclr``, and ``simclr 32`` for a run whose precision is not the
+    folder's usual one."""
     text = row["variant"] + ("" if row["weight"] is None else f" λ={row['weight']:g}")
-    return text + ("" if row["precision"] == "32" else f" {row['precision']}")
+    return text + ("" if row["precision"] == usual_precision else f" {row['precision']}")
 
 
 ORDER = ("simclr", "care-separate", "care-shared", "moco", "care_moco-separate", "care_moco-shared")
@@ -604,12 +605,19 @@ def write_report(root: Path, budget: list[str]) -> None:
     if not rows:
         print(f"no finished runs in {root} yet")
         return
+    # the precision most runs have (config.yaml keeps what precision=auto resolved to)
+    usual = statistics.mode(r["precision"] for r in rows)
     rows.sort(
-        key=lambda r: (r["precision"], ORDER.index(r["variant"]), r["weight"] or 0.0, r["seed"])
+        key=lambda r: (
+            (r["precision"] != usual, r["precision"]),
+            ORDER.index(r["variant"]),
+            r["weight"] or 0.0,
+            r["seed"],
+        )
     )
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
-        groups.setdefault(label(row), []).append(row)
+        groups.setdefault(label(row, usual), []).append(row)
     table = {
         name: aggregate(members, "variant")[members[0]["variant"]]
         for name, members in groups.items()
@@ -628,7 +636,7 @@ def write_report(root: Path, budget: list[str]) -> None:
             table[name]["probe_gain"] = statistics.fmean(gains)
             table[name]["probe_gain_std"] = statistics.stdev(gains) if len(gains) > 1 else 0.0
             table[name]["paired"] = paired
-    title = f"Fashion-MNIST CPU preset, {' '.join(budget)}"
+    title = f"Fashion-MNIST CPU preset, {' '.join(budget)}, precision {usual}"
     sections = [markdown(table, title, "method"), paired_markdown(table)]
     plot_main(table, root / "quality.png", title)
     if plot_knn_curves(groups, root / "knn_vs_time.png", title):
@@ -636,10 +644,10 @@ def write_report(root: Path, budget: list[str]) -> None:
     swept = [
         r
         for r in rows
-        if r["variant"].startswith("care-") and r["seed"] == 0 and r["precision"] == "32"
+        if r["variant"].startswith("care-") and r["seed"] == 0 and r["precision"] == usual
     ]
     simclr = [
-        r for r in rows if r["variant"] == "simclr" and r["seed"] == 0 and r["precision"] == "32"
+        r for r in rows if r["variant"] == "simclr" and r["seed"] == 0 and r["precision"] == usual
     ]
     if len({r["weight"] for r in swept}) > 1:
         plot_sweep(swept, root / "lambda_sweep.png", simclr[0] if simclr else None)
