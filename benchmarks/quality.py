@@ -376,7 +376,7 @@ def plot_main(table: dict[str, dict[str, Any]], path: Path, title: str) -> None:
                 fontsize=7,
                 color="white",
             )
-    fig.suptitle(f"{title} (n× = pretraining seeds; bars: mean ± std)")
+    fig.suptitle(f"{title}\n(n× = pretraining seeds; bars: mean ± std)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -415,7 +415,7 @@ def plot_knn_curves(groups: dict[str, list[dict[str, Any]]], path: Path, title: 
     axes[1].set_xlabel("epochs")
     axes[0].set_ylabel("online kNN accuracy (%)")
     axes[1].legend(fontsize=8, loc="lower right")
-    fig.suptitle(f"{title}: online kNN (n× = seeds; band: lowest to highest seed)", fontsize=10)
+    fig.suptitle(f"{title}\nonline kNN (n× = seeds; band: lowest to highest seed)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
