@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import math
 import statistics
@@ -479,7 +480,11 @@ def full_stage_runs(seeds: int) -> list[Run]:
 def budget_tag(budget: list[str]) -> str:
     """A folder name for one budget, e.g. ``train_samples20000-epochs3``."""
     tag = "-".join(item.replace("=", "") for item in budget) or "default"
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in tag)
+    tag = "".join(c if c.isalnum() or c in "-_." else "_" for c in tag)
+    if len(tag) > 120:  # a file name has at most 255 bytes: keep the start, and a digest of all
+        digest = hashlib.blake2b(" ".join(budget).encode(), digest_size=6).hexdigest()
+        tag = f"{tag[:100]}-{digest}"
+    return tag
 
 
 def main() -> None:

@@ -182,6 +182,14 @@ def test_quality_verdict_names_a_method_only_when_the_interval_excludes_zero() -
     assert verdict({"mean": 0.4, "n": 1}, True) == "one seed: no interval"
 
 
+def test_quality_budget_folder_names_stay_short_and_distinct() -> None:
+    budget_tag = _benchmark_module("quality").budget_tag
+    assert budget_tag(["train_samples=20000", "epochs=3"]) == "train_samples20000-epochs3"
+    long = [f"data_root=/tmp/{'x' * 200}", "epochs=1"]
+    other = [f"data_root=/tmp/{'x' * 200}", "epochs=2"]
+    assert len(budget_tag(long)) <= 120 and budget_tag(long) != budget_tag(other)
+
+
 def test_quality_full_stage_runs_every_method_on_the_same_seeds() -> None:
     quality = _benchmark_module("quality")
     runs = quality.full_stage_runs(3)
