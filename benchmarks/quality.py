@@ -256,7 +256,7 @@ def paired_markdown(table: dict[str, dict[str, Any]]) -> str:
     for name in names:
         paired = table[name]["paired"]
         cells = []
-        for metric, (_, _) in PAIRED.items():
+        for metric in PAIRED:
             interval = paired.get(metric)
             if interval is None:
                 cells.append("–")
@@ -311,9 +311,12 @@ def _cell(entry: dict[str, Any], metric: str, digits: int) -> str:
 
 
 def _signed(entry: dict[str, Any]) -> str:
-    if "probe_gain" not in entry:
+    """The probe's paired differences to simclr: mean ± standard deviation over seeds."""
+    if "paired" not in entry:
         return "–"
-    gain, std = entry["probe_gain"], entry["probe_gain_std"]
+    gains = entry["paired"]["linear"]["differences"]
+    gain = statistics.fmean(gains)
+    std = statistics.stdev(gains) if len(gains) > 1 else 0.0
     return f"{gain:+.2f} ± {std:.2f}" if entry["seeds"] > 1 else f"{gain:+.2f}"
 
 
@@ -637,9 +640,6 @@ def write_report(root: Path, budget: list[str]) -> None:
         }
         paired = paired_differences(members, baseline)
         if "linear" in paired:
-            gains = paired["linear"]["differences"]
-            table[name]["probe_gain"] = statistics.fmean(gains)
-            table[name]["probe_gain_std"] = statistics.stdev(gains) if len(gains) > 1 else 0.0
             table[name]["paired"] = paired
     title = f"Fashion-MNIST CPU preset, {' '.join(budget)}, precision {usual}"
     sections = [markdown(table, title, "method"), paired_markdown(table)]

@@ -65,8 +65,7 @@ def train_into_run(cfg: Config) -> RunDir:
     method = build_method(cfg, info)
     images_per_step = cfg.batch_size * cfg.devices * cfg.num_nodes
     throughput = Throughput(images_per_step)
-    monitored = knn_monitored(cfg)
-    knn = knn_callbacks(cfg, run, info.num_classes) if monitored else []
+    knn = knn_callbacks(cfg, run, info.num_classes) if knn_monitored(cfg) else []
     knn_monitor = next((c for c in knn if isinstance(c, KNNMonitor)), None)
     callbacks: list[Callback] = [
         SameCheckpointOnEveryRank(resume_from, run.root),
@@ -78,7 +77,7 @@ def train_into_run(cfg: Config) -> RunDir:
         Progress(images_per_step, knn_monitor, every_s=progress_interval()),
         *knn,
     ]
-    trainer = build_trainer(cfg, run, callbacks, monitored=monitored)
+    trainer = build_trainer(cfg, run, callbacks)
     monitor = knn_monitor_loaders(cfg, trainer.global_rank, trainer.world_size)
     if trainer.is_global_zero:  # rank 0 alone writes; Lightning saves checkpoints on rank 0 only
         warn_if_bf16_is_emulated(cfg, trainer)
@@ -186,11 +185,20 @@ def knn_monitored(cfg: Config) -> bool:
 
 
 def knn_schedule(cfg: Config) -> dict[str, Any]:
-    """The Trainer's validation schedule: every ``knn_every_steps`` training steps counted across
-    epochs when that is set (the accuracy-against-time curve), else every ``knn_every`` epochs."""
+    """The Trainer's validation settings: none without the monitor; every ``knn_every_steps``
+    training steps counted across epochs when that is set (the accuracy-against-time curve), else
+    every ``knn_every`` epochs."""
+    monitored = knn_monitored(cfg)
+    schedule: dict[str, Any] = {
+        "limit_val_batches": 1.0 if monitored else 0,
+        "enable_checkpointing": monitored,  # best.ckpt; LastCheckpoint writes last.ckpt
+    }
     if cfg.knn_every_steps > 0:
-        return {"val_check_interval": cfg.knn_every_steps, "check_val_every_n_epoch": None}
-    return {"check_val_every_n_epoch": max(1, cfg.knn_every)}
+        return schedule | {
+            "val_check_interval": cfg.knn_every_steps,
+            "check_val_every_n_epoch": None,
+        }
+    return schedule | {"check_val_every_n_epoch": max(1, cfg.knn_every)}
 
 
 def knn_callbacks(cfg: Config, run: RunDir, num_classes: int) -> list[Callback]:
@@ -208,9 +216,7 @@ def knn_callbacks(cfg: Config, run: RunDir, num_classes: int) -> list[Callback]:
     ]
 
 
-def build_trainer(
-    cfg: Config, run: RunDir, callbacks: list[Callback], *, monitored: bool
-) -> L.Trainer:
+def build_trainer(cfg: Config, run: RunDir, callbacks: list[Callback]) -> L.Trainer:
     """The Lightning Trainer of ``cfg``: devices, precision, logs and checkpoints in ``run``.
 
     Under SLURM, Lightning's own requeue on SIGUSR1 is off: :class:`LastCheckpoint` writes the
@@ -232,8 +238,6 @@ def build_trainer(
         plugins=plugins,
         use_distributed_sampler=False,
         **knn_schedule(cfg),
-        limit_val_batches=1.0 if monitored else 0,
-        enable_checkpointing=monitored,  # best.ckpt; LastCheckpoint writes last.ckpt
         num_sanity_val_steps=0,
         log_every_n_steps=cfg.log_every,
         enable_model_summary=False,
