@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import builtins
+import errno
+import os
 import re
+import struct
+import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -11,7 +17,14 @@ import torch
 from PIL import Image
 
 from care.data import FolderImages, load_dataset
-from care.data.folder import BUILTIN_CLASS_LISTS, LISTS_DIR, read_class_list, resolve_class_list
+from care.data.folder import (
+    BUILTIN_CLASS_LISTS,
+    LISTS_DIR,
+    _to_rgb,
+    decode_image,
+    read_class_list,
+    resolve_class_list,
+)
 from care.errors import CareError
 from tests.data.writers import rng_images, write_png
 
@@ -173,6 +186,145 @@ def test_corrupt_image(tmp_path: Path) -> None:
         with pytest.raises(CareError, match=f"corrupt image .*{name}.*delete or replace") as e:
             ds[i]
         assert "\n" not in str(e.value)
+
+
+def _png16(path: Path, values: np.ndarray) -> Path:
+    """A 16-bit-per-channel PNG of (H, W) gray or (H, W, 3) RGB ``values`` (written by hand: PIL
+    cannot write 16-bit RGB)."""
+    h, w = values.shape[:2]
+    color_type = 2 if values.ndim == 3 else 0
+    rows = values.astype(">u2").reshape(h, -1)
+    raw = b"".join(b"\x00" + row.tobytes() for row in rows)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        return struct.pack(">I", len(data)) + kind + data + crc
+
+    header = struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
+    return path
+
+
+def _round_257(values: np.ndarray) -> np.ndarray:
+    return np.round(values.astype(np.float64) / 257).astype(np.uint8)
+
+
+@pytest.mark.parametrize(
+    ("bits", "shape"), [(16, (256, 256)), (12, (64, 64))], ids=["16-bit", "12-bit"]
+)
+def test_16bit_grayscale_png_is_scaled_not_clipped(
+    tmp_path: Path, bits: int, shape: tuple[int, int]
+) -> None:
+    ramp = np.arange(2**bits, dtype=np.uint16).reshape(shape)  # every value once
+    path = tmp_path / "train/a/ramp.png"
+    path.parent.mkdir(parents=True)
+    Image.fromarray(ramp).save(path)
+    with Image.open(path) as img:
+        assert img.mode == "I;16"  # as PIL reads it (round trip)
+    _png16(tmp_path / "train/a/by_hand.png", ramp)  # an encoder other than PIL's
+    ds = load_dataset("imagefolder", tmp_path, "train", load_size=shape[0])  # native: no resample
+    for i in range(2):
+        image, _ = ds[i]
+        assert image.dtype == torch.uint8 and image.shape == (3, *shape)
+        expected = torch.from_numpy(_round_257(ramp)).expand(3, *shape)
+        assert torch.equal(image, expected)
+    if bits == 12:
+        assert int(ds[0][0].max()) == 16  # 4095 / 257, not clipped to 255
+
+
+@pytest.mark.parametrize("dtype", ["<u2", ">u2", "<i4"])
+def test_16bit_modes_to_rgb(dtype: str) -> None:
+    values = np.array([[0, 128, 129, 257, 32767, 32768, 65534, 65535]], dtype=dtype)
+    img = Image.fromarray(values)
+    assert img.mode in ("I;16", "I;16B", "I")
+    rgb = np.asarray(_to_rgb(img))
+    assert rgb.shape == (1, 8, 3)
+    assert rgb[0, :, 0].tolist() == [0, 0, 1, 1, 127, 128, 255, 255]
+    assert (rgb == rgb[..., :1]).all()
+    if dtype == "<i4":  # mode I holds 32 bits: outside 0..65535 is clipped
+        wide = Image.fromarray(np.array([[-5, 70000]], dtype=np.int32))
+        assert np.asarray(_to_rgb(wide))[0, :, 0].tolist() == [0, 255]
+
+
+def test_16bit_rgb_png_keeps_its_range(tmp_path: Path) -> None:
+    """PIL reads 16-bit RGB PNGs as 8-bit RGB by their high byte: within 1 of ``v / 257``."""
+    v = np.array([0, 1, 128, 129, 255, 256, 32767, 32768, 40000, 65279, 65280, 65535], np.uint16)
+    values = np.stack([v, v[::-1], np.full_like(v, 4095)], axis=-1).reshape(3, 4, 3)
+    path = _png16(tmp_path / "rgb16.png", values)
+    got = decode_image(str(path), 3).permute(1, 2, 0).numpy()  # 3 high, 4 wide: 3 columns kept
+    want = values[:, :3]
+    assert np.array_equal(got, (want >> 8).astype(np.uint8))
+    assert np.abs(got.astype(int) - _round_257(want).astype(int)).max() <= 1
+
+
+def _deny_open(monkeypatch: pytest.MonkeyPatch, path: Path, code: int = errno.EACCES) -> None:
+    """``open`` of ``path`` fails as an unreadable file would (root reads any file)."""
+    real_open = builtins.open
+
+    def fake_open(file: Any, *args: Any, **kwargs: Any) -> Any:
+        if str(file) == str(path):
+            raise OSError(code, os.strerror(code), str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+
+
+@pytest.mark.parametrize(
+    ("code", "cause", "fix"),
+    [
+        (errno.EACCES, r"Permission denied \(errno 13\)", "fix its permissions or remove it"),
+        (errno.EIO, r"Input/output error \(errno 5\)", "fix its permissions or remove it"),
+        (errno.ENOENT, r"No such file or directory \(errno 2\)", "restore it or remove it"),
+    ],
+)
+def test_unreadable_image_is_not_corrupt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int, cause: str, fix: str
+) -> None:
+    write_png(tmp_path / "train/a/0.png", rng_images(0, (8, 8, 3)))
+    bad = write_png(tmp_path / "train/a/1.png", rng_images(1, (8, 8, 3)))
+    ds = load_dataset("imagefolder", tmp_path, "train", load_size=8)
+    _deny_open(monkeypatch, bad, code)
+    assert ds[0][0].shape == (3, 8, 8)
+    with pytest.raises(
+        CareError, match=f"^cannot read image {re.escape(str(bad))}: {cause}; {fix}$"
+    ):
+        ds[1]
+
+
+def test_read_error_while_decoding_is_not_corrupt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An I/O error after the header was read (mid-file) is still "cannot read", not corrupt."""
+    bad = write_png(tmp_path / "train/a/0.png", rng_images(0, (64, 64, 3)))
+    real_open = builtins.open
+
+    class Failing:
+        def __init__(self, file: Any) -> None:
+            self.file = file
+
+        def read(self, n: int = -1) -> bytes:
+            if self.file.tell() > 100:
+                raise OSError(errno.EIO, "Input/output error")
+            return bytes(self.file.read(n))
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.file, name)
+
+    def fake_open(file: Any, *args: Any, **kwargs: Any) -> Any:
+        opened = real_open(file, *args, **kwargs)
+        return Failing(opened) if str(file) == str(bad) else opened
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    with pytest.raises(
+        CareError, match=r"^cannot read image .*0.png: Input/output error \(errno 5\)"
+    ):
+        decode_image(str(bad), 8)
 
 
 def test_needs_explicit_root() -> None:

@@ -18,8 +18,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Sampler
 
 from care.config import Config
+from care.data import folder
 from care.data.base import LabeledImages
-from care.data.registry import get_spec, load_dataset
+from care.data.folder import resolve_class_list
+from care.data.registry import get_spec, load_dataset, resolve_data_root
 
 DEFAULT_IMAGE_SIZE = 224
 """Crop size of datasets without a native size (image folders), unless ``image_size`` says."""
@@ -35,6 +37,57 @@ class DataInfo:
     std: tuple[float, ...]
     num_classes: int
     eval_crop_fraction: float = 1.0
+
+
+#: The largest crop an image folder gets without ``image_size`` (ImageNet's), and the largest
+#: side its images are decoded at without ``load_size`` (ImageNet's 256 for a 224 crop).
+MAX_DERIVED_IMAGE_SIZE = 224
+MAX_DERIVED_LOAD_SIZE = 256
+
+
+@dataclass(frozen=True)
+class ImageSizes:
+    """The sizes an image folder is read at, and where they came from."""
+
+    load_size: int
+    image_size: int
+    typical_side: int | None  # the median shorter side of the sampled images (None: not looked)
+    root: str
+
+    def describe(self) -> str:
+        """The line a run starts with: what was chosen and how to choose otherwise."""
+        seen = (
+            f"images about {self.typical_side} px on their shorter side"
+            if self.typical_side is not None
+            else "sizes given"
+        )
+        return (
+            f"image folder {self.root}: {seen}: decoding at load_size={self.load_size}, "
+            f"training on crops of image_size={self.image_size} (set load_size= and image_size= "
+            "to change them)"
+        )
+
+
+def folder_image_sizes(cfg: Config) -> ImageSizes:
+    """``load_size`` and ``image_size`` for an image-folder run that leaves one unset, from its
+    images (the median shorter side of up to 64 evenly spread files, read from their headers):
+
+    - ``load_size``: that side, at most 256 (images are decoded, shorter side resized and
+      centre-cropped to it);
+    - ``image_size``: ``load_size``, at most 224 (so ImageNet-sized folders get ImageNet's
+      256/224, and 64-pixel images train at 64 px instead of being blown up to 224).
+
+    Values the config gives are kept.
+    """
+    root = resolve_data_root(cfg.dataset, cfg.data_root)
+    typical: int | None = None
+    load_size = cfg.load_size
+    if load_size is None:
+        class_list = None if cfg.class_list is None else resolve_class_list(cfg.class_list)
+        typical = folder.typical_image_side(root, "pretrain", class_list)
+        load_size = min(typical, MAX_DERIVED_LOAD_SIZE)
+    image_size = cfg.image_size or min(load_size, MAX_DERIVED_IMAGE_SIZE)
+    return ImageSizes(load_size, image_size, typical, str(root))
 
 
 def load_split(cfg: Config, split: str) -> LabeledImages:

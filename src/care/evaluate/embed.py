@@ -36,8 +36,8 @@ from care.hardware import (
     torch_memory_format,
 )
 from care.models import ENCODER_LAYERS, TrainedEncoder, care_version
-from care.plots import plot_neighbours
-from care.runs import RunDir, atomic_write_bytes, load_encoder
+from care.plots import neighbours_figure
+from care.runs import RunDir, atomic_write_files, load_encoder
 
 FORMATS = (".safetensors", ".npz", ".npy")
 """The output formats, by ``out``'s extension."""
@@ -137,11 +137,17 @@ def class_names(dataset: LabeledImages) -> tuple[str, ...] | None:
     return names if names is not None and len(names) == dataset.num_classes else None
 
 
+def printable(name: str) -> str:
+    """A class name as text can show it: a folder name that is not UTF-8 (decoded with
+    surrogate escapes) gets its undecodable bytes as U+FFFD instead of failing a plot."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def label_text(label: int, names: tuple[str, ...] | None) -> str:
     """A label as shown: its class name where known, ``unlabeled`` for -1, else the number."""
     if label < 0:
         return "unlabeled"
-    return names[label] if names is not None and label < len(names) else str(label)
+    return printable(names[label]) if names is not None and label < len(names) else str(label)
 
 
 def pick_queries(labels: Tensor, count: int = QUERIES) -> list[int]:
@@ -291,11 +297,17 @@ def embed_command(
     }
     if names is not None:
         metadata["classes"] = json.dumps(list(names))
-    files = write_embeddings(Path(out), kind, embeddings, labels, metadata)
+    contents = embedding_files(Path(out), kind, embeddings, labels, metadata)
     png = None
     if neighbours > 0:
         png = str(neighbours_path(out))
-        write_neighbours(Path(png), images, embeddings, labels, neighbours, names, metadata)
+        contents[Path(png)] = neighbours_png(
+            images, embeddings, labels, neighbours, names, metadata
+        )
+    # one result: embeddings, labels and grid are replaced together (a failure leaves the old
+    # set or none of it, never new embeddings beside old labels)
+    atomic_write_files(contents)
+    files = [path for path in contents if path.suffix != ".png"]
     return EmbedResult(
         run=str(run.root),
         layer=layer,
@@ -315,45 +327,51 @@ def _npy(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def write_embeddings(
+def embedding_files(
     out: Path, kind: str, embeddings: Tensor, labels: Tensor, metadata: dict[str, str]
-) -> list[Path]:
-    """Write embeddings and labels as ``kind`` (:data:`FORMATS`), atomically: the files."""
+) -> dict[Path, bytes]:
+    """The files that hold embeddings and labels as ``kind`` (:data:`FORMATS`), by path: one
+    file, or for ``.npy`` the embeddings and ``FILE.labels.npy``."""
     if kind == ".safetensors":
         tensors = {"embeddings": embeddings.contiguous(), "labels": labels.contiguous()}
-        atomic_write_bytes(out, save(tensors, metadata=metadata))
-        return [out]
+        return {out: save(tensors, metadata=metadata)}
     if kind == ".npz":
         buffer = io.BytesIO()
         np.savez(buffer, embeddings=embeddings.numpy(), labels=labels.numpy())
-        atomic_write_bytes(out, buffer.getvalue())
-        return [out]
-    atomic_write_bytes(out, _npy(embeddings.numpy()))
-    atomic_write_bytes(labels_path(out), _npy(labels.numpy()))
-    return [out, labels_path(out)]
+        return {out: buffer.getvalue()}
+    return {out: _npy(embeddings.numpy()), labels_path(out): _npy(labels.numpy())}
 
 
-def write_neighbours(
-    path: Path,
+def write_embeddings(
+    out: Path, kind: str, embeddings: Tensor, labels: Tensor, metadata: dict[str, str]
+) -> list[Path]:
+    """Write embeddings and labels as ``kind`` (:data:`FORMATS`), all files replaced together
+    (:func:`care.runs.atomic_write_files`): the files."""
+    contents = embedding_files(out, kind, embeddings, labels, metadata)
+    atomic_write_files(contents)
+    return list(contents)
+
+
+def neighbours_png(
     images: LabeledImages,
     embeddings: Tensor,
     labels: Tensor,
     k: int,
     names: tuple[str, ...] | None,
     metadata: dict[str, str],
-) -> None:
+) -> bytes:
     """The grid of :data:`QUERIES` queries (first images of distinct classes) and their ``k``
-    nearest neighbours by cosine similarity (:func:`nearest_neighbours`)."""
+    nearest neighbours by cosine similarity (:func:`nearest_neighbours`), as PNG bytes."""
     queries = pick_queries(labels)
     found, similarity = nearest_neighbours(embeddings, queries, k)
     rows = [[q, *found[r].tolist()] for r, q in enumerate(queries)]
     grid = [[images[i][0] for i in row] for row in rows]
     texts = [[label_text(int(labels[i]), names) for i in row] for row in rows]
     title = (
-        f"{Path(metadata['run']).name}: {metadata['layer']} embeddings of {metadata['dataset']} "
-        f"{metadata['split']}, {k} nearest neighbours by cosine similarity"
+        f"{printable(Path(metadata['run']).name)}: {metadata['layer']} embeddings of "
+        f"{metadata['dataset']} {metadata['split']}, {k} nearest neighbours by cosine similarity"
     )
-    plot_neighbours(grid, texts, similarity, path, title)
+    return neighbours_figure(grid, texts, similarity, title)
 
 
 def result_line(result: EmbedResult) -> str:
