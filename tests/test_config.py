@@ -22,6 +22,7 @@ from care.evaluate.probe import PROBE_OPTIMIZERS
 from care.geometry import FORMS
 from care.methods import METHODS, OPTIMIZERS, SCHEDULERS
 from care.models import ARCHITECTURES, EMBEDDINGS, STEMS
+from care.runs import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -144,3 +145,33 @@ def test_with_overrides_types_and_validates() -> None:
         with_overrides(Config(), {"probe_lr": -1.0})
     with pytest.raises(CareError, match="probe_epochs"):
         with_overrides(Config(), {"probe_epochs": "many"})
+
+
+@pytest.mark.parametrize(
+    "path", ["runs/exp #2", "runs/a: b", "runs/${x}", "runs/${oc.env:HOME}/y", "runs/[1,2]"]
+)
+def test_path_values_are_taken_literally(path: str, tmp_path: Path) -> None:
+    """`out=runs/exp #2` is that folder: YAML would read `#2` as a comment, `: ` as a mapping
+    and `${x}` as an interpolation. The value survives with_overrides and the saved YAML."""
+    cfg = load_config(None, [f"out={path}", f"data_root={path}/data", f"class_list={path}.txt"])
+    assert (cfg.out, cfg.data_root, cfg.class_list) == (path, f"{path}/data", f"{path}.txt")
+    again = with_overrides(cfg, {"lr": 0.5, "data_root": f"{path}/other"})
+    assert (again.out, again.data_root) == (path, f"{path}/other")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(to_yaml(again))
+    read = RunDir(run).read_config()
+    assert (read.out, read.data_root) == (path, f"{path}/other")
+    assert with_overrides(read, {}).out == path
+
+
+def test_empty_or_null_paths_are_unset() -> None:
+    cfg = load_config(None, ["data_root=", "class_list=null", "out=runs/x"])
+    assert cfg.data_root is None and cfg.class_list is None
+
+
+def test_ddp_spawn_is_refused_in_one_line_that_points_to_ddp() -> None:
+    with pytest.raises(CareError, match=r"strategy=ddp_spawn is not supported.*strategy=ddp") as e:
+        load_config(None, ["strategy=ddp_spawn"])
+    assert "\n" not in str(e.value)
+    assert "ddp_spawn" not in CHOICES["strategy"]

@@ -43,9 +43,30 @@ def emulated_bf16_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
 
 
-def _cuda(monkeypatch: pytest.MonkeyPatch, *, bf16: bool) -> None:
+# name, compute capability: bf16 is native from 8.0 (Ampere) on, emulated on Volta and Turing
+GPUS = {
+    "A100": ("NVIDIA A100-SXM4-80GB", (8, 0)),
+    "V100": ("Tesla V100-SXM2-32GB", (7, 0)),
+    "T4": ("Tesla T4", (7, 5)),
+}
+NATIVE_BF16 = {"A100": True, "V100": False, "T4": False}
+
+
+def _cuda(monkeypatch: pytest.MonkeyPatch, gpu: str) -> None:
+    """The CUDA queries answering as on ``gpu`` (a key of GPUS), as torch's own would: with its
+    default ``including_emulation=True``, ``is_bf16_supported()`` is True on every one of them
+    (a bf16 tensor can be made on a V100 or a T4; the arithmetic is emulated)."""
+    name, capability = GPUS[gpu]
+
+    def is_bf16_supported(including_emulation: bool = True) -> bool:
+        return capability >= (8, 0) or including_emulation
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
 
 
 def test_auto_is_bf16_and_nhwc_on_a_cpu_with_native_bf16(native_bf16_cpu: None) -> None:
@@ -69,14 +90,82 @@ def test_auto_is_contiguous_on_cpus_where_nhwc_was_not_measured(
     assert resolve_memory_format("auto", "mps") == "contiguous"
 
 
-def test_auto_on_cuda_follows_bf16_support(monkeypatch: pytest.MonkeyPatch) -> None:
-    _cuda(monkeypatch, bf16=True)
-    assert hardware.device_type("auto") == "cuda"
-    assert resolve_precision("auto", "cuda") == "bf16-mixed"
-    assert resolve_memory_format("auto", "cuda") == "channels_last"
-    _cuda(monkeypatch, bf16=False)
-    assert resolve_precision("auto", "cuda") == "32"
+def test_the_gpu_mock_counts_emulation_as_torch_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What made V100s and T4s train in emulated bf16: the default query says yes on them."""
+    for gpu in GPUS:
+        _cuda(monkeypatch, gpu)
+        assert torch.cuda.is_bf16_supported()
+        assert torch.cuda.is_bf16_supported(including_emulation=False) is NATIVE_BF16[gpu]
+        assert hardware.cuda_has_native_bf16() is NATIVE_BF16[gpu]
+
+
+@pytest.mark.parametrize("gpu", list(GPUS))
+def test_auto_on_cuda_is_bf16_where_native_and_fp16_elsewhere(
+    gpu: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _cuda(monkeypatch, gpu)
+    native = NATIVE_BF16[gpu]
+    assert hardware.device_type("auto") == hardware.device_type("gpu") == "cuda"
+    assert resolve_precision("auto", "cuda") == ("bf16-mixed" if native else "16-mixed")
     assert resolve_precision("16-mixed", "cuda") == "16-mixed"
+    assert resolve_precision("32", "cuda") == "32"
+    assert resolve_memory_format("auto", "cuda") == "channels_last"
+    assert runs_natively("bf16-mixed", "cuda") is native
+    assert runs_natively("16-mixed", "cuda") and runs_natively("32", "cuda")
+
+
+@pytest.mark.parametrize("gpu", list(GPUS))
+def test_resolve_on_a_gpu_picks_its_mixed_precision(
+    gpu: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _cuda(monkeypatch, gpu)
+    resolved = resolve(load_config(None, ["accelerator=gpu"]))
+    expected = "bf16-mixed" if NATIVE_BF16[gpu] else "16-mixed"
+    assert (resolved.precision, resolved.memory_format) == (expected, "channels_last")
+
+
+@pytest.mark.parametrize("gpu", list(GPUS))
+def test_evaluation_on_a_gpu_falls_back_from_emulated_bf16(
+    gpu: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run trained in bf16 on an A100, probed on a V100 or a T4: at 32, not emulated bf16."""
+    _cuda(monkeypatch, gpu)
+    native = NATIVE_BF16[gpu]
+    assert evaluation_precision("bf16-mixed", "cuda") == ("bf16-mixed" if native else "32")
+    assert evaluation_precision("auto", "cuda") == ("bf16-mixed" if native else "16-mixed")
+    assert evaluation_precision("16-mixed", "cuda") == "16-mixed"
+    assert evaluation_precision("32", "cuda") == "32"
+    assert evaluation_precision("bf16-mixed", "cuda", requested="16-mixed") == "16-mixed"
+
+
+@pytest.mark.parametrize("gpu", ["V100", "T4"])
+def test_bf16_on_a_gpu_that_emulates_it_is_a_one_line_error(
+    gpu: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    _cuda(monkeypatch, gpu)
+    name, (major, minor) = GPUS[gpu]
+    fix = "use precision=16-mixed or precision=32 on this GPU"
+    for refused in (
+        lambda: resolve_precision("bf16-mixed", "cuda"),
+        lambda: evaluation_precision("32", "cuda", requested="bf16-mixed"),
+        lambda: resolve(load_config(None, ["accelerator=gpu", "precision=bf16-mixed"])),
+    ):
+        with pytest.raises(CareError) as error:
+            refused()
+        message = str(error.value)
+        assert "\n" not in message and message.endswith(fix), message
+        assert "precision=bf16-mixed needs a GPU with native bf16" in message
+        assert f"{name}, compute capability {major}.{minor}" in message
+    argv = ["pretrain", "--print-config", "accelerator=gpu", f"out={tmp_path / 'run'}"]
+    fails_with_one_line(capsys, [*argv, "precision=bf16-mixed"], fix)
+    assert main(argv) == 0  # auto: fp16 with a gradient scaler
+    assert OmegaConf.create(capsys.readouterr().out).precision == "16-mixed"
+
+
+def test_bf16_on_a_gpu_that_has_it_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    _cuda(monkeypatch, "A100")
+    assert resolve_precision("bf16-mixed", "cuda") == "bf16-mixed"
+    assert evaluation_precision("32", "cuda", requested="bf16-mixed") == "bf16-mixed"
 
 
 def test_explicit_settings_are_kept(native_bf16_cpu: None) -> None:
@@ -93,8 +182,8 @@ def test_precisions_a_device_cannot_run_are_one_line_errors(
         resolve_precision("16-mixed", "cpu")
     with pytest.raises(CareError, match="not supported on MPS"):
         resolve_precision("16-mixed", "mps")
-    _cuda(monkeypatch, bf16=False)
-    with pytest.raises(CareError, match=r"bf16 \(Ampere or newer\).*16-mixed or precision=32"):
+    _cuda(monkeypatch, "T4")
+    with pytest.raises(CareError, match=r"native bf16 \(Ampere or newer.*16-mixed or precision=32"):
         resolve_precision("bf16-mixed", "cuda")
 
 

@@ -31,7 +31,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "probe_optimizer": ("adam", "sgd"),
     "embedding": ("sphere", "hyperboloid"),
     "equi_form": ("auto", *FORMS),
-    "strategy": ("auto", "ddp", "ddp_spawn"),
+    "strategy": ("auto", "ddp"),
     "scheduler": ("cosine", "constant"),
     "precision": ("auto", "32", "bf16-mixed", "16-mixed"),
     "memory_format": ("auto", "channels_last", "contiguous"),
@@ -100,7 +100,7 @@ class Config:
     lars_trust_coefficient: float = 0.001  # LARS's eta (You et al., 2017; SimCLR uses 0.001)
     scheduler: str = "cosine"
     warmup_epochs: float = 0.0
-    precision: str = "auto"  # auto: bf16-mixed where the hardware has native bf16, else 32
+    precision: str = "auto"  # auto: bf16-mixed with native bf16, 16-mixed on older GPUs, else 32
     # auto: channels_last where it measures faster (docs/benchmarks.md), else contiguous
     memory_format: str = field(default="auto", metadata=UNTRAINED)
     cudnn_benchmark: bool = field(default=True, metadata=UNTRAINED)  # CUDA: autotune conv kernels
@@ -168,20 +168,45 @@ def _one_line(exc: OmegaConfBaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
+#: Settings that hold a path: their values are taken literally, never parsed as YAML, so that
+#: ``out=runs/exp #2`` is that folder (YAML would read ``#2`` as a comment) and ``: `` or ``${x}``
+#: in a path are characters, not syntax. ``null``, ``~`` or nothing mean "unset".
+PATH_KEYS = ("out", "data_root", "class_list")
+
+
+def literal(value: Any) -> Any:
+    """A string as OmegaConf must be given it to keep it as it is: ``${`` escaped, so that it is
+    never read as an interpolation. Other values pass unchanged."""
+    return value.replace("${", "\\${") if isinstance(value, str) else value
+
+
+def _path_value(text: str) -> str | None:
+    return None if text in ("", "null", "~") else text
+
+
 def parse_overrides(overrides: list[str]) -> DictConfig:
-    """Turn ``["key=value", ...]`` into a config; values are parsed as YAML (``1e-3``, ``[1,2]``)."""
+    """Turn ``["key=value", ...]`` into a config. Values are parsed as YAML (``1e-3``, ``[1,2]``),
+    except those of :data:`PATH_KEYS`, which are taken literally."""
+    parsed, paths = [], {}
     for item in overrides:
-        key, sep, _ = item.partition("=")
+        key, sep, value = item.partition("=")
         if not sep or not key:
             raise CareError(f"bad argument '{item}': write settings as key=value, e.g. epochs=10")
         if key not in KEYS:
             raise CareError(
                 f"unknown config key '{key}': run `care pretrain --print-config` to list the keys"
             )
+        if key in PATH_KEYS:
+            paths[key] = literal(_path_value(value))
+        else:
+            parsed.append(item)
     try:
-        return OmegaConf.from_dotlist(overrides)
+        config = OmegaConf.from_dotlist(parsed)
     except OmegaConfBaseException as exc:
         raise CareError(f"bad override in {overrides}: {_one_line(exc)}") from None
+    for key, value in paths.items():
+        config[key] = value
+    return config
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -224,8 +249,13 @@ def _merged(layers: list[Any]) -> Config:
 
 def with_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
     """``cfg`` with ``overrides`` (plain values or OmegaConf nodes from the CLI), type-checked
-    against the schema (``probe_milestones=[30,40,50]`` becomes a list of ints) and validated."""
-    return _merged([OmegaConf.structured(cfg), OmegaConf.create(dict(overrides))])
+    against the schema (``probe_milestones=[30,40,50]`` becomes a list of ints) and validated.
+    Path values stay literal (:data:`PATH_KEYS`)."""
+    base = {k: literal(v) if k in PATH_KEYS else v for k, v in cfg.to_dict().items()}
+    changes = {k: literal(v) if k in PATH_KEYS else v for k, v in overrides.items()}
+    return _merged(
+        [OmegaConf.structured(Config), OmegaConf.create(base), OmegaConf.create(changes)]
+    )
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:
@@ -248,6 +278,12 @@ def _require(ok: bool, message: str) -> None:
 
 def validate(cfg: Config) -> None:
     """Check choices and ranges; every failure is one line naming the key and the fix."""
+    _require(
+        cfg.strategy != "ddp_spawn",
+        "strategy=ddp_spawn is not supported (its processes would not get their own data shard "
+        "and progress): use strategy=ddp, which starts one process per device by running the "
+        "command again, or launch with torchrun (docs/distributed.md)",
+    )
     for key, choices in CHOICES.items():
         value = getattr(cfg, key)
         _require(

@@ -42,13 +42,15 @@ def cannot_write(path: str | Path, exc: OSError) -> CareError:
 class RunInterrupted(CareError):
     """A run that stopped on a signal after writing its checkpoint.
 
-    The CLI prints the message (``stopped at step S (epoch E): resume with resume=true``) without
-    the ``error:`` prefix and exits with status 128 + the signal's number.
+    The CLI prints the message (``stopped at step S (epoch E/N): resume with resume=true``)
+    without the ``error:`` prefix and exits with status 128 + the signal's number. ``epoch``
+    counts from 1, as the progress line does (``epoch 2/2``): the epoch the run was in.
     """
 
-    def __init__(self, step: int, epoch: int, signum: int) -> None:
-        super().__init__(f"stopped at step {step} (epoch {epoch}): resume with resume=true")
-        self.step, self.epoch, self.signum = step, epoch, signum
+    def __init__(self, step: int, epoch: int, signum: int, epochs: int | None = None) -> None:
+        of = f"/{epochs}" if epochs else ""
+        super().__init__(f"stopped at step {step} (epoch {epoch}{of}): resume with resume=true")
+        self.step, self.epoch, self.epochs, self.signum = step, epoch, epochs, signum
 
     @property
     def exit_status(self) -> int:

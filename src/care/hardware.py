@@ -4,9 +4,13 @@
 accelerator the run will use (:func:`resolve`): the resolved values are what ``config.yaml``,
 ``summary.json`` and ``--print-config`` show, and what ``resume=true`` compares.
 
-- ``precision=auto`` is ``bf16-mixed`` where bf16 runs natively, a CUDA GPU that supports it
-  (Ampere and newer) or a CPU with avx512_bf16 or AMX, and ``32`` elsewhere: on a CPU without
-  them oneDNN emulates bf16, many times slower than float32.
+- ``precision=auto`` is ``bf16-mixed`` where bf16 runs natively: a CUDA GPU of compute capability
+  8.0 or newer (Ampere: A100, and later) or a CPU with avx512_bf16 or AMX. On an older CUDA GPU
+  (Volta: V100, 7.0; Turing: T4, 7.5) bf16 is only emulated, so ``auto`` is ``16-mixed`` there
+  (fp16 on the tensor cores, with Lightning's gradient scaler) and an explicit ``bf16-mixed`` is
+  refused; :func:`cuda_has_native_bf16` is the one test of it
+  (``torch.cuda.is_bf16_supported()`` alone counts emulation). Elsewhere ``auto`` is ``32``: on
+  a CPU without avx512_bf16 or AMX oneDNN emulates bf16, many times slower than float32.
 - ``memory_format=auto`` is ``channels_last`` on CUDA (tensor-core convolutions read NHWC; it is
   NVIDIA's and PyTorch's advice for mixed precision) and on x86 CPUs with AVX2 or AVX-512, where
   oneDNN's NHWC convolutions made a CPU-preset step faster in fp32 and in bf16
@@ -29,6 +33,7 @@ __all__ = [
     "configure_backends",
     "cpu_has_avx2",
     "cpu_has_native_bf16",
+    "cuda_has_native_bf16",
     "device_type",
     "evaluation_device",
     "evaluation_precision",
@@ -55,6 +60,21 @@ def cpu_has_native_bf16() -> bool:
     cpu = torch.cpu
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+
+
+def cuda_has_native_bf16() -> bool:
+    """Whether the CUDA GPU computes bf16 natively (compute capability 8.0 and newer, Ampere on).
+    Volta and Turing (V100, T4) only emulate it, which ``torch.cuda.is_bf16_supported()`` counts
+    as support unless called with ``including_emulation=False``."""
+    if not torch.cuda.is_available():
+        return False
+    return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+
+
+def _cuda_gpu() -> str:
+    """The CUDA GPU, for a message: its name and compute capability."""
+    major, minor = torch.cuda.get_device_capability()
+    return f"{torch.cuda.get_device_name()}, compute capability {major}.{minor}"
 
 
 def _mps_available() -> bool:
@@ -92,10 +112,13 @@ def resolve_precision(precision: str, device: str) -> str:
     """``precision``, with ``auto`` resolved for ``device``; a precision the device cannot run
     is a :class:`CareError` naming the fix."""
     if precision == "auto":
-        return "bf16-mixed" if runs_natively("bf16-mixed", device) else "32"
-    if precision == "bf16-mixed" and device == "cuda" and not torch.cuda.is_bf16_supported():
+        if runs_natively("bf16-mixed", device):
+            return "bf16-mixed"
+        return "16-mixed" if device == "cuda" else "32"
+    if precision == "bf16-mixed" and device == "cuda" and not cuda_has_native_bf16():
         raise CareError(
-            "precision=bf16-mixed needs a GPU with bf16 (Ampere or newer): "
+            f"precision=bf16-mixed needs a GPU with native bf16 (Ampere or newer, compute "
+            f"capability 8.0+); this one ({_cuda_gpu()}) would only emulate it: "
             "use precision=16-mixed or precision=32 on this GPU"
         )
     if precision == "16-mixed" and device == "cpu":
@@ -112,7 +135,7 @@ def runs_natively(precision: str, device: str) -> bool:
     """Whether ``device`` runs ``precision`` without emulation (32 runs everywhere)."""
     if precision == "bf16-mixed":
         if device == "cuda":
-            return torch.cuda.is_bf16_supported()
+            return cuda_has_native_bf16()
         return device == "cpu" and cpu_has_native_bf16()
     if precision == "16-mixed":
         return device == "cuda"

@@ -96,12 +96,16 @@ def test_probe_and_equivariance_of_a_bf16_run(
 ) -> None:
     run = tmp_path / "run"
     _pretrain_bf16(run, _data(channels, fake_fmnist, fake_cifar10), "method=care")
+    capsys.readouterr()
     assert main(["probe", str(run), "precision=bf16-mixed", "probe_seeds=1"]) == 0
-    probe = json.loads((run / "probe.json").read_text())
+    written = capsys.readouterr().out.strip().splitlines()[-1].removeprefix("wrote ")
+    probe = json.loads(Path(written).read_text())
     assert probe["features"]["precision"] == "bf16-mixed"
     assert 0.0 <= probe["linear"]["mean"] <= 100.0
     assert main(["probe", str(run), "precision=32", "probe_seeds=1"]) == 0
-    assert json.loads((run / "probe.json").read_text())["features"]["precision"] == "32"
+    written = capsys.readouterr().out.strip().splitlines()[-1].removeprefix("wrote ")
+    assert written.endswith("precision=32.json")  # the bf16 probe is kept beside it
+    assert json.loads(Path(written).read_text())["features"]["precision"] == "32"
     args = ["equivariance", str(run), "trials=2", "samples=16", "compositions=1"]
     assert main([*args, "precision=bf16-mixed"]) == 0
     measured = json.loads((run / "equivariance.json").read_text())

@@ -20,8 +20,9 @@ import torch
 import care.train.callbacks as callbacks
 from care.config import load_config
 from care.errors import CareError
+from care.progress import clock_text
 from care.train import pretrain
-from care.train.callbacks import KNNMonitor, Progress, clock_text
+from care.train.callbacks import KNNMonitor, Progress
 from care.train.pretraining import progress_interval
 from tests.conftest import tiny
 
@@ -285,3 +286,52 @@ def test_metrics_time_excludes_validation_and_counts_on_after_resume(
         (4, 9.5),
         (6, 10.5),
     ]
+
+
+def test_a_loss_from_an_earlier_step_is_labelled_with_its_step() -> None:
+    """With log_every longer than an epoch, the loss shown in epoch 2 is epoch 1's last: it says
+    so, and a loss of the shown step needs no label."""
+    clock, stream = FakeClock(), io.StringIO()
+    bar = Progress(32, stream=stream, tty=False, every_s=0.0, clock=clock, log_every=50)
+    trainer = _trainer(num_training_batches=4)
+    bar.on_train_start(trainer, NO_MODULE)
+    for epoch in range(2):
+        trainer.current_epoch = epoch
+        bar.on_train_epoch_start(trainer, NO_MODULE)
+        for batch in range(4):
+            clock.now += 1.0
+            trainer.global_step += 1
+            if batch == 3:  # the methods log at an epoch's last step (and every 50 steps)
+                trainer.callback_metrics["train/loss"] = torch.tensor(5.4585 - epoch)
+            bar.on_train_batch_end(trainer, NO_MODULE, None, None, batch)
+        bar.on_train_epoch_end(trainer, NO_MODULE)
+    lines = stream.getvalue().splitlines()
+    second = [line for line in lines if line.startswith("epoch 2/2 step 1/4")]
+    assert "loss 5.4585 (epoch 1 step 4)" in second[0]
+    last = [line for line in lines if line.startswith("epoch 2/2 step 4/4")]
+    assert "loss 4.4585," in last[0]  # the shown step's own loss: no label
+
+
+def test_a_signal_ends_the_open_progress_line_first(tmp_path: Path) -> None:
+    """The handler's message starts on a line of its own, not glued to the bar."""
+    path = tmp_path / "tty"
+    with path.open("w") as stream:
+        bar = Progress(32, stream=stream, tty=True, every_s=0.0, clock=FakeClock())
+        trainer = _trainer(num_training_batches=4)
+        bar.on_train_start(trainer, NO_MODULE)
+        trainer.global_step = 1
+        bar.on_train_batch_end(trainer, NO_MODULE, None, None, 0)
+        bar.end_line_now()  # what LastCheckpoint's signal handler calls
+        bar.end_line_now()  # once only
+        bar.on_exception(trainer, NO_MODULE, RuntimeError())  # nothing more to end
+    text = path.read_bytes()
+    assert text.startswith(b"\repoch 1/2") and text.endswith(b"\x1b[K\n")
+    assert text.count(b"\n") == 1
+
+
+def test_the_stop_message_counts_epochs_as_the_bar_does() -> None:
+    from care.errors import RunInterrupted
+
+    stop = RunInterrupted(12, 2, signal.SIGINT, 2)
+    assert str(stop) == "stopped at step 12 (epoch 2/2): resume with resume=true"
+    assert stop.exit_status == 130

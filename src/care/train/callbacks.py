@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
 import shutil
 import sys
 import time
@@ -20,6 +21,7 @@ from lightning.pytorch.callbacks import Callback, ProgressBar
 
 from care.data import unshard
 from care.metrics import weighted_knn_accuracy
+from care.progress import clock_text
 from care.runs import atomic_write_text
 
 
@@ -272,14 +274,6 @@ class Throughput(Callback):
         }
 
 
-def clock_text(seconds: float) -> str:
-    """``1:02:03``, ``2:03`` or ``0:07``: a duration as a person reads it."""
-    whole = max(0, round(seconds))
-    hours, rest = divmod(whole, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
-
-
 class Progress(ProgressBar):
     """The pretraining's progress for a person, refreshed by the wall clock, not by steps.
 
@@ -296,6 +290,7 @@ class Progress(ProgressBar):
         images_per_step: int,
         knn: KNNMonitor | None = None,
         *,
+        log_every: int = 1,
         stream: TextIO | None = None,
         tty: bool | None = None,
         every_s: float | None = None,
@@ -303,6 +298,10 @@ class Progress(ProgressBar):
     ) -> None:
         super().__init__()
         self.images_per_step, self.knn = images_per_step, knn
+        # the loss shown is the last logged one (every log_every steps and at epoch ends: the
+        # methods log then, without a host sync on the other steps); it is labelled by its step
+        self.log_every = log_every
+        self._loss_at: tuple[int, int] | None = None  # (epoch, step in it) of the shown loss
         self.stream = sys.stdout if stream is None else stream
         self.tty = self.stream.isatty() if tty is None else tty
         self.every_s = (2.0 if self.tty else 30.0) if every_s is None else every_s
@@ -351,6 +350,9 @@ class Progress(ProgressBar):
         batch_idx: int,
     ) -> None:
         now = self._last_end = self.clock()
+        last_of_epoch = batch_idx + 1 == trainer.num_training_batches
+        if trainer.global_step % self.log_every == 0 or last_of_epoch:  # as the methods log
+            self._loss_at = (trainer.current_epoch, batch_idx + 1)
         self._fit_mark = self._fit_mark or (now, trainer.global_step)
         self._epoch_mark = self._epoch_mark or (now, trainer.global_step)
         if self.enabled and now - self._shown >= self.every_s:
@@ -365,6 +367,18 @@ class Progress(ProgressBar):
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
         self._close_line()  # what explains the stop starts on a line of its own
+
+    def end_line_now(self) -> None:
+        """End an open terminal line at once, from a signal handler, so that the handler's
+        message starts on a line of its own: one unbuffered write, no Python I/O (which a
+        handler must not re-enter). The line was flushed when written."""
+        if not self._open:
+            return
+        self._open = False
+        try:
+            os.write(self.stream.fileno(), b"\n")
+        except (AttributeError, OSError, ValueError):  # no file descriptor (a test's buffer)
+            self._open = True
 
     # ------------------------------------------------------------------ kNN monitor
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -429,11 +443,25 @@ class Progress(ProgressBar):
             eta += len(left) * self._val_s / self._val_runs
         return eta
 
-    def _metrics(self, trainer: L.Trainer, *, whole: bool = False) -> list[str]:
+    def _loss_label(self, trainer: L.Trainer, step: int) -> str:
+        """Where the shown loss comes from when it is not the ``step`` shown: `` (step 20)`` of
+        this epoch, or `` (epoch 1 step 39)`` of an earlier one."""
+        if self._loss_at is None or self._loss_at == (trainer.current_epoch, step):
+            return ""
+        epoch, at = self._loss_at
+        if epoch == trainer.current_epoch:
+            return f" (step {at})"
+        return f" (epoch {epoch + 1} step {at})"
+
+    def _metrics(
+        self, trainer: L.Trainer, *, whole: bool = False, step: int | None = None
+    ) -> list[str]:
+        """Loss (labelled by its step when it is not that of ``step``) and images/s."""
         parts = []
         loss = trainer.callback_metrics.get("train/loss")
         if loss is not None:
-            parts.append(f"loss {float(loss):.4f}")
+            label = "" if step is None else self._loss_label(trainer, step)
+            parts.append(f"loss {float(loss):.4f}{label}")
         rate = self._images_per_s(trainer, whole=whole)
         if rate is not None:
             parts.append(f"{rate:,.0f} img/s")
@@ -441,8 +469,8 @@ class Progress(ProgressBar):
 
     def _training_text(self, trainer: L.Trainer, now: float) -> str:
         per_epoch = trainer.num_training_batches
-        step = trainer.global_step - trainer.current_epoch * per_epoch
-        parts = self._metrics(trainer)
+        step = int(trainer.global_step - trainer.current_epoch * per_epoch)
+        parts = self._metrics(trainer, step=step)
         eta = self.eta_s(trainer, now)
         if eta is not None:
             parts.append(f"ETA {clock_text(eta)} (whole run)")

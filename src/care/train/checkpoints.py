@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import signal
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +40,15 @@ class LastCheckpoint(Callback):
     the epoch's end, after the online kNN monitor.
     """
 
-    def __init__(self, path: Path, every_steps: int = 0) -> None:
+    def __init__(
+        self,
+        path: Path,
+        every_steps: int = 0,
+        before_message: Callable[[], None] | None = None,
+    ) -> None:
         self.path, self.every_steps = Path(path), every_steps
-        self.signals = StopSignals()
+        # before_message ends the progress line, so that "SIGTERM received" starts a line
+        self.signals = StopSignals(before_message)
         self._group: Any = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -85,7 +92,8 @@ class LastCheckpoint(Callback):
         if trainer.is_global_zero:
             self.signals.requeue_if_slurm()
         signum = self.signals.received or signal.SIGTERM  # a rank told by another rank
-        raise RunInterrupted(trainer.global_step, trainer.current_epoch, signum)
+        epoch = trainer.current_epoch + 1  # counted from 1, as the progress line counts
+        raise RunInterrupted(trainer.global_step, epoch, signum, trainer.max_epochs)
 
 
 class LoaderPosition(Callback):

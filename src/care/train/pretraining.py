@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import json
 import sys
 import time
 from typing import Any
@@ -10,32 +10,38 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from torch.utils.data import DataLoader
 
-from care.config import Config
+from care.config import Config, training_differences, with_overrides
 from care.data import (
     EpochSampler,
     LabeledImages,
     ResumableLoader,
     data_info,
+    folder_image_sizes,
     load_split,
     make_loader,
 )
+from care.data.registry import get_spec
+from care.distributed import is_global_zero
 from care.errors import CareError
 from care.hardware import configure_backends, cpu_has_native_bf16, resolve
 from care.methods import build_method, method_class, views_label
+from care.progress import progress_interval
 from care.runs import (
     AtomicCheckpointIO,
     RunDir,
+    atomic_write_files,
     atomic_write_json,
     open_run,
     rank_zero_lock,
-    save_weights,
+    weights_bytes,
 )
 from care.train.callbacks import KNNMonitor, MetricsCSV, Progress, Throughput
 from care.train.checkpoints import LastCheckpoint, LoaderPosition, SameCheckpointOnEveryRank
 from care.train.loggers import build_loggers, finish_loggers
+from care.train.memory import check_step_fits
 
 
 def pretrain(cfg: Config) -> RunDir:
@@ -53,7 +59,60 @@ def pretrain(cfg: Config) -> RunDir:
             "set sync_batchnorm=false"
         )
     with rank_zero_lock(cfg.out, "care pretrain"):  # one run per directory
+        cfg, sizes = with_image_sizes(cfg)
+        finished = finished_run(cfg)
+        if finished is not None:  # resume=true on a finished run: nothing to train or write
+            return finished
+        if sizes and is_global_zero():
+            print(sizes, flush=True)
         return train_into_run(cfg)
+
+
+class FinishedRun(RunDir):
+    """A run that had trained all its ``epochs`` when :func:`pretrain` was asked to resume it:
+    nothing was trained and no file of it changed."""
+
+
+def finished_run(cfg: Config) -> FinishedRun | None:
+    """The run in ``cfg.out`` if ``resume=true`` asks to continue a run that already finished
+    ``cfg.epochs`` epochs with ``cfg``'s settings (its summary, weights and checkpoint exist);
+    None otherwise (a new run, an unfinished one, one extended to more epochs, or other
+    settings, which :func:`care.runs.open_run` refuses)."""
+    run = RunDir(cfg.out)
+    if not cfg.resume:
+        return None
+    needed = (run.summary, run.backbone, run.head, run.last_checkpoint, run.config)
+    if not all(path.is_file() for path in needed):
+        return None
+    try:
+        summary = json.loads(run.summary.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(summary, dict) or summary.get("epochs") != cfg.epochs:
+        return None
+    if training_differences(run.read_config(), cfg):
+        return None
+    return FinishedRun(run.root)
+
+
+def with_image_sizes(cfg: Config) -> tuple[Config, str]:
+    """``cfg`` with image-folder sizes filled in where unset, and the line that says so ("" when
+    nothing was chosen): a run being resumed keeps the sizes it was trained at (its
+    config.yaml; None there means the defaults of care before sizes were derived); a new run
+    takes them from its images (:func:`care.data.folder_image_sizes`)."""
+    if cfg.image_size is not None and cfg.load_size is not None:
+        return cfg, ""
+    if get_spec(cfg.dataset).image_size is not None:  # a dataset of one stored size
+        return cfg, ""
+    run = RunDir(cfg.out)
+    if run.last_checkpoint.is_file() and run.config.is_file():
+        saved = run.read_config()
+        image_size = cfg.image_size if cfg.image_size is not None else saved.image_size
+        load_size = cfg.load_size if cfg.load_size is not None else saved.load_size
+        return with_overrides(cfg, {"image_size": image_size, "load_size": load_size}), ""
+    sizes = folder_image_sizes(cfg)
+    chosen = with_overrides(cfg, {"image_size": sizes.image_size, "load_size": sizes.load_size})
+    return chosen, sizes.describe()
 
 
 def train_into_run(cfg: Config) -> RunDir:
@@ -61,20 +120,25 @@ def train_into_run(cfg: Config) -> RunDir:
     run, resume_from = open_run(cfg)
     images = pretraining_images(cfg)
     info = data_info(cfg, images)
+    # a step that cannot fit is refused now, not killed by the kernel (or CUDA) later
+    check_step_fits(cfg, info, images.image_shape[-1])
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     method = build_method(cfg, info)
     images_per_step = cfg.batch_size * cfg.devices * cfg.num_nodes
     throughput = Throughput(images_per_step)
     knn = knn_callbacks(cfg, run, info.num_classes) if knn_monitored(cfg) else []
     knn_monitor = next((c for c in knn if isinstance(c, KNNMonitor)), None)
+    # refreshed by the clock, not on logging steps: it shows the last logged loss, and its step
+    progress = Progress(
+        images_per_step, knn_monitor, log_every=cfg.log_every, every_s=progress_interval()
+    )
     callbacks: list[Callback] = [
         SameCheckpointOnEveryRank(resume_from, run.root),
-        LastCheckpoint(run.last_checkpoint, cfg.checkpoint_every_steps),
+        LastCheckpoint(run.last_checkpoint, cfg.checkpoint_every_steps, progress.end_line_now),
         position := LoaderPosition(),
         MetricsCSV(run.metrics, cfg.log_every),
         throughput,
-        # refreshed by the clock, not on logging steps: it shows the last logged loss
-        Progress(images_per_step, knn_monitor, every_s=progress_interval()),
+        progress,
         *knn,
     ]
     trainer = build_trainer(cfg, run, callbacks)
@@ -97,13 +161,15 @@ def train_into_run(cfg: Config) -> RunDir:
     )
     finish_loggers(trainer.loggers)
     if trainer.global_rank == 0:
-        save_weights(
-            method.encoder.backbone,
-            run.backbone,
-            run.weights_metadata(cfg, info, images, "backbone"),
-        )
-        save_weights(
-            method.encoder.head, run.head, run.weights_metadata(cfg, info, images, "projection")
+        atomic_write_files(  # one result: backbone and head are replaced together
+            {
+                run.backbone: weights_bytes(
+                    method.encoder.backbone, run.weights_metadata(cfg, info, images, "backbone")
+                ),
+                run.head: weights_bytes(
+                    method.encoder.head, run.weights_metadata(cfg, info, images, "projection")
+                ),
+            }
         )
         run.write_encoder_export()  # encoder.pt2: the backbone for PyTorch without care
         knn_acc = trainer.callback_metrics.get("val/knn_acc")
@@ -132,24 +198,6 @@ def train_into_run(cfg: Config) -> RunDir:
             },
         )
     return run
-
-
-def progress_interval() -> float | None:
-    """Seconds between progress refreshes from ``CARE_PROGRESS_S`` (0: every step), or None
-    for :class:`Progress`'s own (2 s on a terminal, 30 s in a file or a pipe)."""
-    value = os.environ.get("CARE_PROGRESS_S", "").strip()
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = -1.0
-    if not seconds >= 0:
-        raise CareError(
-            f"CARE_PROGRESS_S={value!r} is not a number of seconds: give e.g. 2 (0: every step) "
-            "or unset it"
-        )
-    return seconds
 
 
 def pretraining_images(cfg: Config) -> LabeledImages:
@@ -220,11 +268,11 @@ def build_trainer(cfg: Config, run: RunDir, callbacks: list[Callback]) -> L.Trai
     """The Lightning Trainer of ``cfg``: devices, precision, logs and checkpoints in ``run``.
 
     Under SLURM, Lightning's own requeue on SIGUSR1 is off: :class:`LastCheckpoint` writes the
-    run's checkpoint and requeues (:mod:`care.train.signals`).
+    run's checkpoint and requeues (:mod:`care.train.signals`). A run that torchrun started takes
+    its ranks from torchrun even inside a SLURM job, as Lightning's own order has it: the SLURM
+    environment is named only where torchrun's is absent (:func:`cluster_plugins`).
     """
-    plugins: list[Any] = [AtomicCheckpointIO()]
-    if SLURMEnvironment.detect():
-        plugins.append(SLURMEnvironment(auto_requeue=False))
+    plugins: list[Any] = [AtomicCheckpointIO(), *cluster_plugins()]
     return L.Trainer(
         max_epochs=cfg.epochs,
         accelerator=cfg.accelerator,
@@ -243,6 +291,16 @@ def build_trainer(cfg: Config, run: RunDir, callbacks: list[Callback]) -> L.Trai
         enable_model_summary=False,
         default_root_dir=str(run.root),
     )
+
+
+def cluster_plugins() -> list[Any]:
+    """The cluster environment to hand Lightning: SLURM's, with Lightning's requeue off (care
+    requeues itself after its checkpoint), when the processes were started by ``srun``; none
+    when torchrun started them (inside a SLURM allocation too), so that Lightning reads the
+    ranks from torchrun's variables, which come first in its own order."""
+    if TorchElasticEnvironment.detect() or not SLURMEnvironment.detect():
+        return []
+    return [SLURMEnvironment(auto_requeue=False)]
 
 
 def warn_if_bf16_is_emulated(cfg: Config, trainer: L.Trainer) -> None:

@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import threading
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -26,9 +27,11 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 class StopSignals:
     """Records the first of :data:`STOP_SIGNALS` between :meth:`install` and :meth:`restore`."""
 
-    def __init__(self) -> None:
+    def __init__(self, before_message: Callable[[], None] | None = None) -> None:
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
+        # called before the handler's message (it ends an open progress line on a terminal)
+        self.before_message = before_message
 
     def install(self) -> None:
         """Take over the stop signals (main thread only; elsewhere signals cannot be caught)."""
@@ -51,6 +54,8 @@ class StopSignals:
             message = f"{name} received: stopping after this step and writing a checkpoint\n"
         else:
             message = f"{name} received: already stopping, the checkpoint is being written\n"
+        if self.before_message is not None:
+            self.before_message()
         os.write(2, message.encode())  # async-signal-safe, unlike print
 
     def requeue_if_slurm(self) -> None:
