@@ -26,7 +26,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,13 @@ from care.data.loading import DEFAULT_IMAGE_SIZE
 from care.data.registry import DEFAULT_LOAD_SIZE, get_spec
 from care.distributed import is_global_zero
 from care.errors import CareError, cannot_write, os_error_cause
-from care.models import ENCODER_LAYERS, EncoderSpec, TrainedEncoder, build_encoder, encoder_spec
+from care.models import (
+    ENCODER_FORMAT,
+    ENCODER_LAYERS,
+    EncoderSpec,
+    TrainedEncoder,
+    encoder_spec,
+)
 
 
 def _umask() -> int:
@@ -78,6 +84,47 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         if isinstance(exc, OSError):
             raise cannot_write(path, exc) from None
         raise
+
+
+def atomic_write_files(files: Mapping[Path, bytes]) -> None:
+    """Write several files as one result: every one to a temporary name first, then all renamed.
+
+    A failure while writing leaves every previous file as it was; a failure between the renames
+    (rare: a rename within a folder needs no data blocks) removes the files of this result that
+    are already in place and those still to come, so the folder holds the old set or none of it,
+    never a mix. Failures are one-line :class:`CareError` (:func:`care.errors.cannot_write`).
+    """
+    staged: list[tuple[str, Path]] = []
+    try:
+        for target, data in files.items():
+            path = Path(target)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            staged.append((tmp, path))
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.chmod(tmp, 0o666 & ~_umask())
+    except BaseException as exc:
+        for tmp, _ in staged:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        if isinstance(exc, OSError):
+            failed = staged[-1][1] if staged else Path(next(iter(files)))
+            raise cannot_write(failed, exc) from None
+        raise
+    for tmp, path in staged:
+        try:
+            os.replace(tmp, path)
+        except OSError as exc:
+            for _, other in staged:  # none of this result stays: neither new nor old files
+                with contextlib.suppress(OSError):
+                    os.unlink(other)
+            for other_tmp, _ in staged:
+                with contextlib.suppress(OSError):
+                    os.unlink(other_tmp)
+            raise cannot_write(path, exc) from None
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -117,31 +164,187 @@ def safe_torch_load(path: str | Path, map_location: Any = "cpu") -> Any:
         ) from None
 
 
+def weights_bytes(module: torch.nn.Module, metadata: Mapping[str, str] | None = None) -> bytes:
+    """A module's state dict as safetensors bytes, with string ``metadata`` (a run writes
+    :meth:`care.models.EncoderSpec.to_metadata`: what rebuilds the model)."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    return save(tensors, metadata=None if metadata is None else dict(metadata))
+
+
 def save_weights(
     module: torch.nn.Module, path: str | Path, metadata: Mapping[str, str] | None = None
 ) -> None:
-    """Save a module's state dict as safetensors, atomically, with string ``metadata`` (a run
-    writes :meth:`care.models.EncoderSpec.to_metadata`: what rebuilds the model)."""
-    tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-    atomic_write_bytes(path, save(tensors, metadata=None if metadata is None else dict(metadata)))
+    """Save a module's state dict as safetensors (:func:`weights_bytes`), atomically."""
+    atomic_write_bytes(path, weights_bytes(module, metadata))
 
 
 def read_weights(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     """The tensors and string metadata of a safetensors file; a missing or corrupt file is a
-    one-line error."""
-    path = Path(path)
-    if not path.is_file():
-        raise CareError(f"weights file {path} not found: finish the run (resume=true) first")
+    one-line error. (Nothing is checked against a model: :func:`load_weights` and
+    :func:`load_encoder` check the header first, :func:`weights_header`.)"""
+    path = _existing_weights(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
             names = handle.keys()  # safe_open is not iterable
             tensors = {key: handle.get_tensor(key) for key in names}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CareError(
-            f"weights file {path} is corrupt ({str(exc)[:80]}); rerun the training"
-        ) from None
+    except (SafetensorError, OSError, ValueError, TypeError) as exc:
+        raise _corrupt_weights(path, exc) from None
     return tensors, metadata
+
+
+#: safetensors' names of the floating-point and the integer dtypes.
+_FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
+_INTEGER_DTYPES = frozenset({"I8", "I16", "I32", "I64", "U8", "U16", "U32", "U64"})
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredTensor:
+    """What a file says about one tensor, read without its data: the name of its dtype, its
+    kind (``float``, ``integer`` or ``other``: bool, complex, 8-bit floats) and its shape."""
+
+    dtype: str
+    kind: str
+    shape: tuple[int, ...]
+
+    @classmethod
+    def from_safetensors(cls, dtype: str, shape: Sequence[int]) -> StoredTensor:
+        """A tensor as a safetensors header describes it (dtype ``F32``, ``I64``, ...)."""
+        kind = (
+            "float"
+            if dtype in _FLOAT_DTYPES
+            else "integer"
+            if dtype in _INTEGER_DTYPES
+            else "other"
+        )
+        return cls(dtype, kind, tuple(int(n) for n in shape))
+
+    @classmethod
+    def of(cls, tensor: Tensor) -> StoredTensor:
+        """A tensor in memory (a checkpoint's, say)."""
+        if tensor.is_floating_point() and tensor.element_size() > 1:
+            kind = "float"
+        elif tensor.is_complex() or tensor.is_floating_point() or tensor.dtype == torch.bool:
+            kind = "other"
+        else:
+            kind = "integer"
+        return cls(str(tensor.dtype).removeprefix("torch."), kind, tuple(tensor.shape))
+
+
+def _tensor_name(name: object) -> str:
+    """A tensor's name as a message shows it: quoted, on one line, at most 80 characters."""
+    text = repr(name)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def state_mismatch(found: Mapping[str, StoredTensor], expected: Mapping[str, Tensor]) -> str | None:
+    """Why tensors described by ``found`` cannot load into a model whose state dict is
+    ``expected`` (a ``meta``-device one will do: only names, shapes and dtypes are read), on one
+    line; None if they can. Every name must be there and no other; each tensor must have the
+    model's shape, and be stored as a floating-point type where the model holds floats
+    (parameters, BatchNorm statistics) and as integers where it holds integers
+    (``num_batches_tracked``)."""
+    missing = [name for name in expected if name not in found]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        return f"it lacks tensor {_tensor_name(missing[0])}{more}"
+    for name, target in expected.items():
+        stored = found[name]
+        wanted = "float" if target.is_floating_point() else "integer"
+        if stored.kind != wanted:
+            needed = "a floating-point" if wanted == "float" else "an integer"
+            return (
+                f"tensor {_tensor_name(name)} is stored as {stored.dtype}, where the model needs "
+                f"{needed} tensor"
+            )
+        if stored.shape != tuple(target.shape):
+            return (
+                f"tensor {_tensor_name(name)} has shape {list(stored.shape)}, where the model "
+                f"needs {list(target.shape)}"
+            )
+    unexpected = [name for name in found if name not in expected]
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        return (
+            f"it holds tensor {_tensor_name(unexpected[0])}{more}, which the model has no place for"
+        )
+    return None
+
+
+def nonfinite_tensor(tensors: Mapping[str, object]) -> str | None:
+    """The name of the first floating-point tensor in ``tensors`` that holds NaN or inf (one
+    ``isfinite`` pass over each, on its device); None if every one is finite."""
+    for name, tensor in tensors.items():
+        if not isinstance(tensor, Tensor):
+            continue
+        floating = tensor.is_floating_point() or tensor.is_complex()
+        if floating and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
+
+
+def weights_header(path: str | Path) -> tuple[dict[str, StoredTensor], dict[str, str]]:
+    """The tensors of a safetensors file as its header describes them (name → dtype, shape),
+    and its string metadata; no tensor data is read. A missing or corrupt file is a one-line
+    error."""
+    path = _existing_weights(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            header: dict[str, StoredTensor] = {}
+            names = handle.keys()  # safe_open is not iterable
+            for name in names:
+                stored = handle.get_slice(name)
+                header[name] = StoredTensor.from_safetensors(
+                    str(stored.get_dtype()), stored.get_shape()
+                )
+    except (SafetensorError, OSError, ValueError, TypeError) as exc:
+        raise _corrupt_weights(path, exc) from None
+    return header, metadata
+
+
+def _existing_weights(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise CareError(f"weights file {path} not found: finish the run (resume=true) first")
+    return path
+
+
+def _corrupt_weights(path: Path, exc: BaseException) -> CareError:
+    cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:80]
+    return CareError(f"weights file {path} is corrupt ({cause}); rerun the training")
+
+
+def _check_header(
+    path: Path, header: Mapping[str, StoredTensor], expected: Mapping[str, Tensor], model: str
+) -> None:
+    """Refuse, in one line naming ``path``, a file whose tensors (``header``) cannot load into
+    ``expected`` (:func:`state_mismatch`), before any of its data is read."""
+    problem = state_mismatch(header, expected)
+    if problem is not None:
+        raise CareError(
+            f"weights file {path} does not match {model}: {problem}; rerun the training, or "
+            "restore the file"
+        )
+
+
+def _read_checked(path: Path) -> dict[str, Tensor]:
+    """The tensors of ``path``, refused in one line if one holds NaN or inf, or if BatchNorm
+    running variances are negative (either gives NaN or meaningless embeddings)."""
+    tensors, _ = read_weights(path)
+    bad = nonfinite_tensor(tensors)
+    if bad is not None:
+        raise CareError(
+            f"weights file {path} holds non-finite values (NaN or inf) in tensor "
+            f"{_tensor_name(bad)}: rerun the training, or restore the file"
+        )
+    for name, tensor in tensors.items():
+        if name.endswith("running_var") and tensor.is_floating_point() and bool((tensor < 0).any()):
+            raise CareError(
+                f"weights file {path} holds negative variances in tensor {_tensor_name(name)}: "
+                "rerun the training, or restore the file"
+            )
+    return tensors
 
 
 def _load_state(module: torch.nn.Module, tensors: Mapping[str, Tensor], path: Path) -> None:
@@ -149,15 +352,19 @@ def _load_state(module: torch.nn.Module, tensors: Mapping[str, Tensor], path: Pa
         module.load_state_dict(tensors)
     except RuntimeError as exc:
         raise CareError(
-            f"weights file {path} does not match the model in config.yaml "
-            f"({str(exc).splitlines()[0][:120]})"
+            f"weights file {path} does not match the model "
+            f"({str(exc).splitlines()[0][:120]}); rerun the training, or restore the file"
         ) from None
 
 
 def load_weights(module: torch.nn.Module, path: str | Path) -> None:
-    """Load safetensors weights into ``module``; mismatches are a one-line error."""
-    tensors, _ = read_weights(path)
-    _load_state(module, tensors, Path(path))
+    """Load safetensors weights into ``module``. The file's header is checked against the
+    module first (names, shapes, float or integer dtypes: :func:`state_mismatch`), then its
+    values (no NaN or inf); any problem is a one-line error naming the file."""
+    path = Path(path)
+    header, _ = weights_header(path)
+    _check_header(path, header, module.state_dict(), "the model")
+    _load_state(module, _read_checked(path), path)
 
 
 class RunDir:
@@ -233,10 +440,82 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(
         self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
     ) -> dict[str, Any]:
+        """The checkpoint at ``path``, read with ``weights_only=True`` onto the CPU and refused
+        in one line naming it if it is not a training state (:func:`checkpoint_problem`) or if
+        its weights or optimiser state hold NaN or inf (:func:`checkpoint_nonfinite`)."""
         loaded = safe_torch_load(path, map_location="cpu")
-        if not isinstance(loaded, dict):
-            raise CareError(f"checkpoint {path} does not hold a training state")
+        problem = checkpoint_problem(loaded)
+        if problem is not None:
+            raise CareError(
+                f"checkpoint {path} is not a training checkpoint of care: {problem}; delete it to "
+                "start afresh, or put back the run's own checkpoints/last.ckpt"
+            )
+        bad = checkpoint_nonfinite(loaded)
+        if bad is not None:
+            raise CareError(
+                f"checkpoint {path} holds non-finite weights (NaN or inf) in {bad}: the training "
+                "had diverged when it was saved; delete it to start afresh (with a lower lr or a "
+                "higher temperature), or put back an earlier checkpoint"
+            )
         return loaded
+
+
+#: What a training checkpoint must hold to resume (Lightning's keys) and of which type.
+CHECKPOINT_KEYS: dict[str, type] = {
+    "pytorch-lightning_version": str,
+    "epoch": int,
+    "global_step": int,
+    "state_dict": dict,
+    "optimizer_states": list,
+    "lr_schedulers": list,
+    "loops": dict,
+}
+
+
+def checkpoint_problem(loaded: object) -> str | None:
+    """Why ``loaded`` (a file read by :func:`safe_torch_load`) cannot be a training checkpoint to
+    resume, on one line: not a mapping, a key of :data:`CHECKPOINT_KEYS` missing or of another
+    type, a ``state_dict`` that does not map names to tensors, optimiser or schedule states that
+    are not dicts. None if it can."""
+    if not isinstance(loaded, dict):
+        return f"it holds a {type(loaded).__name__}, not a training state"
+    for key, kind in CHECKPOINT_KEYS.items():
+        if key not in loaded:
+            return f"it has no {key!r}"
+        value = loaded[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            return f"its {key!r} is a {type(value).__name__}, not a {kind.__name__}"
+    for name, tensor in loaded["state_dict"].items():
+        if not isinstance(name, str) or not isinstance(tensor, Tensor):
+            return f"its 'state_dict' holds {_tensor_name(name)}, which is not a named tensor"
+    for key in ("optimizer_states", "lr_schedulers"):
+        if not all(isinstance(state, dict) for state in loaded[key]):
+            return f"its {key!r} holds something other than state dicts"
+    return None
+
+
+def _named_tensors(value: object, prefix: str) -> Iterator[tuple[str, Tensor]]:
+    """Every tensor in nested dicts, lists and tuples, with its path (``prefix.key.0``)."""
+    if isinstance(value, Tensor):
+        yield prefix, value
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            yield from _named_tensors(item, f"{prefix}.{key}")
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            yield from _named_tensors(item, f"{prefix}.{index}")
+
+
+def checkpoint_nonfinite(checkpoint: Mapping[str, Any]) -> str | None:
+    """The first tensor of a checkpoint's weights (``state_dict``) or optimiser state that holds
+    NaN or inf, as a message names it; None if all are finite. One ``isfinite`` pass over each
+    floating-point tensor (on the CPU, where checkpoints are read)."""
+    bad = nonfinite_tensor(checkpoint.get("state_dict", {}))
+    if bad is not None:
+        return f"tensor {_tensor_name(bad)}"
+    optimizer = dict(_named_tensors(checkpoint.get("optimizer_states", []), "optimizer_states"))
+    bad = nonfinite_tensor(optimizer)
+    return None if bad is None else f"the optimiser state {bad}"
 
 
 def open_run(cfg: Config) -> tuple[RunDir, Path | None]:
@@ -266,21 +545,53 @@ def open_run(cfg: Config) -> tuple[RunDir, Path | None]:
 
 def load_trained_encoder(run: RunDir, cfg: Config, channels: int, layer: str) -> nn.Module:
     """A finished run's encoder with its trained weights, in eval mode: the backbone alone
-    (``layer="backbone"``) or the whole :class:`care.models.Encoder` (``"projection"``)."""
-    encoder = build_encoder(cfg, channels)
-    load_weights(encoder.backbone, run.backbone)
-    if layer == "backbone":
-        return encoder.backbone.eval()
-    load_weights(encoder.head, run.head)
-    return encoder.eval()
+    (``layer="backbone"``) or the whole :class:`care.models.Encoder` (``"projection"``).
+
+    It is the model :func:`load_encoder` rebuilds, from the metadata of the run's weights (from
+    its config.yaml for runs written before they carried it), checked the same way. ``cfg``
+    (the run's config, with evaluation settings) must agree with that metadata on the
+    architecture and ``channels`` (the data's) with its input; a disagreement is one line naming
+    both files.
+    """
+    encoder = _trained_encoder(run, layer)
+    spec = encoder.spec
+    ours = _config_architecture(cfg)
+    for key, theirs in spec.architecture().items():
+        if ours[key] != theirs:
+            raise CareError(
+                f"{run.config} and {run.backbone} disagree on '{key}' ({ours[key]!r} in the "
+                f"config, {theirs!r} in the weights' metadata): put back the config.yaml the run "
+                "was trained with, or rerun the training"
+            )
+    if spec.in_channels != channels:
+        raise CareError(
+            f"{run.backbone} takes {spec.in_channels}-channel images and the data of {run.config} "
+            f"({cfg.dataset}) has {channels} channel(s): evaluate the run on images like those it "
+            "was trained on"
+        )
+    return encoder.net.eval()
 
 
-def _spec_from_config(run: RunDir, backbone: Mapping[str, Tensor]) -> EncoderSpec:
+def _config_architecture(cfg: Config) -> dict[str, object]:
+    """What :meth:`care.models.EncoderSpec.architecture` holds, as ``cfg`` has it."""
+    return {
+        "backbone": cfg.backbone,
+        "stem": cfg.stem,
+        "widths": [int(w) for w in cfg.widths],
+        "head_hidden": int(cfg.head_hidden),
+        "head_out": int(cfg.head_out),
+        "embedding": cfg.embedding,
+        "curvature": float(cfg.curvature),
+    }
+
+
+def _spec_from_config(run: RunDir, backbone: Mapping[str, StoredTensor]) -> EncoderSpec:
     """The encoder spec of a run whose weights carry no metadata (written before they did):
-    its config.yaml, the registry's normalisation, the channels of its first convolution."""
+    its config.yaml, the registry's normalisation, the channels of its first convolution (read
+    from the header of ``backbone.safetensors``, ``backbone``)."""
     cfg = run.read_config()
     stem = backbone.get("stem.0.weight")
-    if stem is None or stem.ndim != 4:
+    if stem is None or len(stem.shape) != 4:
         raise CareError(
             f"{run.backbone} holds no ResNet stem (stem.0.weight): it was not written by "
             "`care pretrain`; pass the out folder of a care run"
@@ -296,7 +607,72 @@ def _spec_from_config(run: RunDir, backbone: Mapping[str, Tensor]) -> EncoderSpe
         num_classes=spec.num_classes or 0,
         eval_crop_fraction=min(1.0, size / stored) if spec.image_size is None else 1.0,
     )
-    return encoder_spec(cfg, info, stored)
+    encoder = encoder_spec(cfg, info, stored)
+    try:
+        encoder.check()
+    except ValueError as exc:
+        raise CareError(
+            f"{run.backbone} carries no metadata and {run.config} with it describes no care "
+            f"encoder ({exc}): rerun the training"
+        ) from None
+    return encoder
+
+
+def _spec_from_metadata(path: Path, metadata: Mapping[str, str]) -> EncoderSpec:
+    """The checked spec in the metadata of weights file ``path``, or a one-line error naming
+    it."""
+    try:
+        return EncoderSpec.from_metadata(metadata)
+    except ValueError as exc:
+        if metadata.get("format") != ENCODER_FORMAT:
+            raise CareError(
+                f"weights file {path} has unreadable care metadata ({exc}); read it with the "
+                "care version that wrote it, or rerun the training"
+            ) from None
+        raise CareError(
+            f"weights file {path} has invalid care metadata ({exc}): rerun the training, or "
+            "restore the file"
+        ) from None
+
+
+def _trained_encoder(run: RunDir, layer: str) -> TrainedEncoder:
+    """The run's :class:`TrainedEncoder` of ``layer`` with its weights, in eval mode.
+
+    The spec comes from the metadata of ``backbone.safetensors`` (every value checked) or, for
+    runs written before weights carried it, from config.yaml. Before any model or tensor is
+    allocated, the files' headers are checked against the encoder that spec describes, built on
+    the ``meta`` device (names, shapes, float or integer dtypes: :func:`state_mismatch`); the
+    weights are then read and refused if one holds NaN or inf. Every refusal is one line naming
+    the weights file.
+    """
+    header, metadata = weights_header(run.backbone)
+    if metadata:
+        spec = _spec_from_metadata(run.backbone, metadata)
+        model = f"the encoder that the metadata of {run.backbone.name} describes"
+    else:
+        spec = _spec_from_config(run, header)
+        model = f"the encoder that {run.config} describes"
+    with torch.device("meta"):  # names, shapes and dtypes without memory
+        shapes = TrainedEncoder(spec, layer)
+    _check_header(run.backbone, header, shapes.backbone.state_dict(), model)
+    if shapes.head is not None:
+        head_header, head_metadata = weights_header(run.head)
+        if head_metadata:
+            head_spec = _spec_from_metadata(run.head, head_metadata)
+            ours, theirs = spec.architecture(), head_spec.architecture()
+            key = next((k for k in ours if ours[k] != theirs[k]), None)
+            if key is not None:
+                raise CareError(
+                    f"{run.head} and {run.backbone} disagree on '{key}' ({theirs[key]!r} and "
+                    f"{ours[key]!r} in their metadata): they come from different runs; put back "
+                    "the run's own files, or rerun the training"
+                )
+        _check_header(run.head, head_header, shapes.head.state_dict(), model)
+    encoder = TrainedEncoder(spec, layer)
+    _load_state(encoder.backbone, _read_checked(run.backbone), run.backbone)
+    if encoder.head is not None:
+        _load_state(encoder.head, _read_checked(run.head), run.head)
+    return encoder.eval()
 
 
 def load_encoder(run_dir: str | Path, layer: str = "backbone") -> TrainedEncoder:
@@ -307,7 +683,9 @@ def load_encoder(run_dir: str | Path, layer: str = "backbone") -> TrainedEncoder
     and std) is inside the module. ``layer="backbone"`` gives the features a linear probe uses;
     ``"projection"`` the head's output on the run's sphere or hyperboloid. The model is rebuilt
     from the metadata of ``backbone.safetensors`` (from ``config.yaml`` for runs written before
-    weights carried it); bad run directories and layers are a one-line :class:`CareError`.
+    weights carried it); every metadata value, then every tensor's name, dtype and shape is
+    checked before anything is allocated, and the weights' values once read. Bad run
+    directories, files and layers are a one-line :class:`CareError`.
     """
     if layer not in ENCODER_LAYERS:
         raise CareError(
@@ -324,23 +702,7 @@ def load_encoder(run_dir: str | Path, layer: str = "backbone") -> TrainedEncoder
             f"{run.root} holds no backbone.safetensors: pass the out folder of a finished "
             "`care pretrain` run (an interrupted one finishes with resume=true)"
         )
-    tensors, metadata = read_weights(run.backbone)
-    if metadata:
-        try:
-            spec = EncoderSpec.from_metadata(metadata)
-        except ValueError as exc:
-            raise CareError(
-                f"weights file {run.backbone} has unreadable care metadata ({exc}); rerun the "
-                "training, or read it with the care version that wrote it"
-            ) from None
-    else:
-        spec = _spec_from_config(run, tensors)
-    encoder = TrainedEncoder(spec, layer)
-    _load_state(encoder.backbone, tensors, run.backbone)
-    if encoder.head is not None:
-        head, _ = read_weights(run.head)
-        _load_state(encoder.head, head, run.head)
-    return encoder.eval()
+    return _trained_encoder(run, layer)
 
 
 def export_encoder(run_dir: str | Path, out: str | Path | None = None) -> Path:
