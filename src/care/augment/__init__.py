@@ -8,6 +8,7 @@ the vectorised kernels and :class:`Augmenter` chains them in SimCLR's order on a
 from __future__ import annotations
 
 from care.augment import ops
+from care.augment.eval import PixelRangeGuard, check_pixel_range
 from care.augment.memory import tune_malloc
 from care.augment.params import AugmentRecipe, AugParams, check_groups, sample_params
 from care.augment.pipeline import PAIRS_MODES, Augmenter, build_augmenter, default_blur_kernel
@@ -17,8 +18,10 @@ __all__ = [
     "AugParams",
     "AugmentRecipe",
     "Augmenter",
+    "PixelRangeGuard",
     "build_augmenter",
     "check_groups",
+    "check_pixel_range",
     "default_blur_kernel",
     "ops",
     "sample_params",

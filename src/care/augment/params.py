@@ -184,7 +184,8 @@ class AugParams:
         values = self.as_dict()
         wide = any(values[name].dtype == torch.float64 for name, _, _ in self.PACKED)
         dtype = torch.float64 if wide else torch.float32
-        columns = [values[name].to(dtype).reshape(len(self), -1) for name, _, _ in self.PACKED]
+        # (B, cols), not (B, -1): an empty record (B = 0) has no -1 to infer.
+        columns = [values[name].to(dtype).reshape(len(self), cols) for name, cols, _ in self.PACKED]
         return torch.cat(columns, dim=1)
 
     @classmethod
@@ -314,7 +315,13 @@ def _crop_boxes(area: Tensor, log_ratio: Tensor, pos: Tensor, recipe: AugmentRec
 
 
 def check_groups(n: int, group_size: int) -> None:
-    """Raise :class:`CareError` unless ``n`` images split into whole groups of ``group_size``."""
+    """Raise :class:`CareError` unless ``n`` images split into whole groups of ``group_size``,
+    an int >= 1 (a bool or a float such as ``16.0`` is refused, not truncated)."""
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise CareError(
+            f"group_size={group_size!r} must be an int, not {type(group_size).__name__}: "
+            "pass a whole number such as group_size=16"
+        )
     if group_size < 1:
         raise CareError(f"group_size={group_size} must be >= 1")
     if n % group_size != 0:

@@ -8,12 +8,14 @@ Algorithm 1; design notes, "Group-shared augmentation").
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from care.augment import ops
+from care.augment.eval import PixelRangeGuard
 from care.augment.params import AugmentRecipe, AugParams, check_groups, sample_params
 from care.config import Config
 from care.data import DataInfo
@@ -37,6 +39,12 @@ class Augmenter:
 
     Order: crop + resize -> flip -> colour jitter -> grayscale -> blur -> normalise. The output is
     float32 ``(B, C, output_size, output_size)`` normalised by ``(x - mean) / std``.
+
+    uint8 images are in 0..255 and are never looked at. Float images must be in [0, 1]: a float
+    batch clearly outside (0..255 values cast to float, or images already normalised) is refused
+    by this instance's :class:`~care.augment.eval.PixelRangeGuard`, which reads every float batch
+    on the CPU but only the first on an accelerator, so training never waits for the device
+    after that. An empty batch (``B = 0``) gives an empty batch of views.
     """
 
     def __init__(
@@ -54,6 +62,11 @@ class Augmenter:
                 f"augment: mean {list(mean)} and std {list(std)} need one value per "
                 "channel (1 or 3 channels)"
             )
+        if not all(math.isfinite(v) for v in (*mean, *std)):
+            raise CareError(
+                f"augment: mean {list(mean)} and std {list(std)} must be finite numbers "
+                "(no nan or inf): pass the data set's per-channel mean and std"
+            )
         if any(s <= 0 for s in std):
             raise CareError(f"augment: std {list(std)} must be positive")
         kernel = default_blur_kernel(output_size) if blur_kernel is None else blur_kernel
@@ -65,6 +78,7 @@ class Augmenter:
         self.std = tuple(float(s) for s in std)
         self.blur_kernel = kernel
         self._inv_std = tuple(1.0 / s for s in self.std)
+        self._pixel_guard = PixelRangeGuard("augment: images")
 
     def __repr__(self) -> str:
         return (
@@ -88,18 +102,29 @@ class Augmenter:
         return sample_params(n, self.recipe, generator, group_size)
 
     def apply(self, images: Tensor, params: AugParams) -> Tensor:
-        """Apply ``params`` (one row per image) to ``images`` on the images' device."""
+        """Apply ``params`` (one row per image) to ``images`` on the images' device.
+
+        ``images`` are uint8 in 0..255 or float in [0, 1] (checked as the class says); an empty
+        batch gives an empty batch of views.
+        """
         if images.dim() != 4:
             raise CareError(
                 f"augment: images must be (B, C, H, W), got shape {tuple(images.shape)}"
             )
-        bsz, ch = images.shape[:2]
+        bsz, ch, height, width = images.shape
+        if height == 0 or width == 0:
+            raise CareError(
+                f"augment: images of shape {tuple(images.shape)} have no pixels: "
+                "pass images of at least 1x1 pixels (check the data set's image sizes)"
+            )
         if ch != len(self.mean):
             raise CareError(
                 f"augment: images have {ch} channels but mean/std have {len(self.mean)} values"
             )
         if len(params) != bsz:
             raise CareError(f"augment: {len(params)} parameter rows for {bsz} images")
+        if bsz > 0:  # an empty batch would use up the one check on an accelerator
+            self._pixel_guard(images)
         with autocast_off(images.device):
             return self._apply(images, params)
 
