@@ -81,7 +81,9 @@ def test_malicious_checkpoint_is_refused_on_resume(
     marker = tmp_path / "pwned"
     torch.save({"state_dict": {}, "x": PickleExploit(marker)}, out / "checkpoints" / "last.ckpt")
     fails_with_one_line(
-        capsys, ["pretrain", *tiny(fake_fmnist, out), "resume=true"], "refusing to load"
+        capsys,
+        ["pretrain", *tiny(fake_fmnist, out), "resume=true", "epochs=2"],  # extend: load it
+        "refusing to load",
     )
     assert not marker.exists()
 
@@ -106,7 +108,7 @@ def test_print_config_and_probe(
     assert main(["pretrain", *tiny(fake_fmnist, out), "method=simclr"]) == 0
     assert main(["probe", str(out), "probe_epochs=1"]) == 0
     printed = capsys.readouterr().out
-    assert "simclr" in printed and "probe.json" in printed
+    assert "simclr" in printed and f"wrote {out / 'probe-epochs=1.json'}" in printed
     fails_with_one_line(capsys, ["probe", str(out), "lr=1"], "cannot be changed")
     fails_with_one_line(capsys, ["probe", str(tmp_path / "none")], "not a run directory")
 
@@ -130,3 +132,9 @@ def test_piped_probe_prints_the_whole_table(fake_fmnist: Path, tmp_path: Path) -
         assert f" {column} " in header, header
     assert any(str(out) in line and "128 train images" in line for line in lines)
     assert len(max(lines, key=len)) > 80
+
+
+def test_settings_go_before_or_after_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["pretrain", "lr=1e-3", "--print-config", "out=runs/x #2"]) == 0
+    printed = capsys.readouterr().out
+    assert "lr: 0.001" in printed and "out: 'runs/x #2'" in printed

@@ -15,6 +15,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "care"
 LAYERS: dict[str, int] = {
     "errors": 0,
     "geometry": 1,
+    "progress": 1,
     "config": 2,
     "distributed": 2,
     "data": 3,

@@ -33,14 +33,15 @@ from care.config import (
     parse_overrides,
     training_differences,
     validate,
+    with_overrides,
 )
 from care.distributed import is_global_zero
 from care.errors import CareError
-from care.evaluate.probe import probe_run
+from care.evaluate.probe import probe_file_name, probe_run
 from care.hardware import resolve
 from care.methods import method_class
 from care.plots import ablation_bars
-from care.runs import RunDir, atomic_write_json, atomic_write_text, rank_zero_lock
+from care.runs import RunDir, atomic_write_files, rank_zero_lock
 from care.train import pretrain
 
 #: Variant name → (method, loss as plain text, loss as matplotlib mathtext).
@@ -126,8 +127,15 @@ def _check_finished(run: RunDir, name: str, cfg: Config) -> None:
 
 
 def _probe_is_fresh(run: RunDir, cfg: Config) -> dict[str, Any] | None:
-    """probe.json's content if it is newer than the weights and used these probe settings."""
-    path = run.root / "probe.json"
+    """The probe file's content if it is newer than the weights and used these probe settings
+    (the file :func:`care.evaluate.probe.probe_run` writes for them: probe.json for the run's
+    own settings)."""
+    try:
+        saved = run.read_config()
+        settings = with_overrides(saved, {k: getattr(cfg, k) for k in EVALUATION_KEYS})
+        path = run.root / probe_file_name(saved, settings)
+    except CareError:
+        return None
     if not path.is_file() or not run.backbone.is_file():
         return None
     if path.stat().st_mtime_ns < run.backbone.stat().st_mtime_ns:
@@ -233,7 +241,7 @@ def _train_and_probe(name: str, cfg: Config, tag: str) -> tuple[RunDir, dict[str
         _say(f"{tag} {name}: probing (linear ×{cfg.probe_seeds} seeds, kNN)")
         probe = probe_run(str(run.root), {k: getattr(cfg, k) for k in EVALUATION_KEYS})
     else:
-        _say(f"{tag} {name}: probe.json is up to date")
+        _say(f"{tag} {name}: the probe is up to date")
     return run, probe
 
 
@@ -356,9 +364,7 @@ def _ablate(
         "variants": ordered,
     }
     paths = [out / "ablation.json", out / "ablation.md", out / "ablation.png"]
-    atomic_write_json(paths[0], payload)
-    atomic_write_text(paths[1], ablation_markdown(payload))
-    ablation_bars(
+    figure = ablation_bars(
         [
             {
                 "label": VARIANTS[name][2],
@@ -369,10 +375,16 @@ def _ablate(
             }
             for name, r in ordered.items()
         ],
-        paths[2],
         f"Loss ablation: {base.dataset}, {base.backbone} {base.widths}, "
         f"{base.epochs} epochs, λ = {base.weight} (CARE), L_equi weight {equi_unif_weight} "
         "(L_equi + L_unif)",
+    )
+    atomic_write_files(  # one result: the three files are replaced together
+        {
+            paths[0]: (json.dumps(payload, indent=2) + "\n").encode(),
+            paths[1]: ablation_markdown(payload).encode(),
+            paths[2]: figure,
+        }
     )
     print_ablation(payload, console)
     for path in paths:

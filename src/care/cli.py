@@ -88,6 +88,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     from care.methods import method_class
     from care.runs import RunDir
     from care.train import pretrain
+    from care.train.pretraining import FinishedRun
 
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
@@ -102,19 +103,27 @@ def _pretrain(args: argparse.Namespace) -> int:
             _say_how_to_continue(RunDir(cfg.out), args.argv)
         raise
     if is_global_zero():
-        _say_what_was_written(run)
+        _say_what_was_written(run, finished_before=isinstance(run, FinishedRun))
     return 0
 
 
-def _say_what_was_written(run: RunDir) -> None:
-    """A finished pretraining: the files of its run directory, how it went, what to run next."""
+def _say_what_was_written(run: RunDir, *, finished_before: bool = False) -> None:
+    """A finished pretraining: the files of its run directory, how it went, what to run next.
+    ``finished_before``: the run had finished earlier and nothing was trained or written now."""
     from care.methods import method_class
-    from care.train.callbacks import clock_text
+    from care.progress import clock_text
 
-    files = (run.backbone, run.head, run.last_checkpoint, run.best_checkpoint, run.metrics)
-    names = [str(p.relative_to(run.root)) for p in (*files, run.summary) if p.is_file()]
-    print(f"run written to {run.root}: {', '.join(names)}")
     summary = json.loads(run.summary.read_text())
+    if finished_before:
+        epochs = summary["epochs"]
+        print(
+            f"{run.root} already finished its {epochs} epochs: nothing trained, no file changed "
+            f"(to train longer, resume with epochs={epochs + 1} or more)"
+        )
+    else:
+        files = (run.backbone, run.head, run.last_checkpoint, run.best_checkpoint, run.metrics)
+        names = [str(p.relative_to(run.root)) for p in (*files, run.summary) if p.is_file()]
+        print(f"run written to {run.root}: {', '.join(names)}")
     took = f"{summary['epochs']} epochs, {summary['steps']} steps in "
     took += clock_text(summary["wall_time_s"])
     if summary.get("images_per_s"):
@@ -168,7 +177,7 @@ def _probe(args: argparse.Namespace) -> int:
     results = [probe_run(run_dir, overrides) for run_dir in args.runs]
     print_results(results)
     for r in results:
-        print(f"wrote {r['run']}/probe.json")
+        print(f"wrote {r['file']}")
     return 0
 
 
@@ -324,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="*",
         metavar="key=value",
         help="trials=20 samples=2000 split=test layer=projection|backbone "
-        "precision=32|bf16-mixed (default: the run's, where this machine runs it natively) "
+        "precision=32|bf16-mixed|16-mixed (default: the run's, where this machine runs it natively) "
         "batch_size=256 (images read, augmented and embedded at a time)",
     )
     equi.set_defaults(handler=_equivariance)
@@ -347,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="key=value",
         help="out=FILE (required) dataset=NAME data_root=DIR (default: the run's) "
         "split=test|train|pretrain layer=backbone|projection batch_size=256 neighbours=K "
-        "precision=32|bf16-mixed (default: the run's, where this machine runs it natively)",
+        "precision=32|bf16-mixed|16-mixed (default: the run's, where this machine runs it natively)",
     )
     embed.set_defaults(handler=_embed)
 
@@ -406,9 +415,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra:  # settings after an option, e.g. `care equivariance RUN --against RUN2 trials=5`
+    if extra:  # settings after an option, e.g. `care pretrain lr=1e-3 --print-config out=x`
         positional = {
+            "pretrain": "overrides",
+            "probe": "items",
             "equivariance": "settings",
+            "embed": "settings",
             "ablate": "overrides",
             "show-augment": "items",
         }.get(args.command)

@@ -16,25 +16,34 @@ from matplotlib.figure import Figure
 from care.runs import atomic_write_bytes
 
 
-def save_figure(fig: Figure, path: Path) -> str:
-    """Write a figure as PNG atomically and close it."""
+def figure_png(fig: Figure) -> bytes:
+    """A figure as PNG bytes (the figure is closed): a command writes them with the other files
+    of its result (:func:`care.runs.atomic_write_files`)."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=130, bbox_inches="tight")
     plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def save_figure(fig: Figure, path: Path) -> str:
+    """Write a figure as PNG atomically and close it."""
+    atomic_write_bytes(path, figure_png(fig))
     return str(path)
 
 
-def plot_equivariance(payload: dict[str, Any], out: Path, stem: str = "equivariance") -> list[str]:
+def equivariance_figures(
+    payload: dict[str, Any], out: Path, stem: str = "equivariance"
+) -> dict[Path, bytes]:
     """Figure 3 (compare mode): baseline W_f against this run's W_f per trial, coloured by the
-    augmentation's dominant kind, with the diagonal; and W_f ÷ invariance distance per kind."""
+    augmentation's dominant kind, with the diagonal; and W_f ÷ invariance distance per kind.
+    Returns the PNGs by the path each belongs at (``OUT/STEM_scatter.png``, ``_by_kind.png``)."""
     results = payload["results"]
     labels = [
         f"{m} ({Path(r).name})" for m, r in zip(payload["methods"], payload["runs"], strict=True)
     ]
     kinds = sorted({t["kind"] for t in results[0]["trials"]})
     colours = {k: plt.get_cmap("tab10")(i) for i, k in enumerate(kinds)}
-    written = []
+    written: dict[Path, bytes] = {}
     if len(results) == 2:
         fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
         for ax, key, title in (
@@ -63,7 +72,7 @@ def plot_equivariance(payload: dict[str, Any], out: Path, stem: str = "equivaria
             f"{labels[0]} is lower",
             fontsize=10,
         )
-        written.append(save_figure(fig, out / f"{stem}_scatter.png"))
+        written[out / f"{stem}_scatter.png"] = figure_png(fig)
     fig, ax = plt.subplots(figsize=(1.6 * len(kinds) + 3, 4))
     width = 0.8 / len(results)
     for j, (res, label) in enumerate(zip(results, labels, strict=True)):
@@ -80,16 +89,17 @@ def plot_equivariance(payload: dict[str, Any], out: Path, stem: str = "equivaria
     ax.set_ylabel("W_f ÷ invariance distance")
     ax.set_title("Share of the displacement that no rotation explains, per augmentation kind")
     ax.legend(fontsize=8)
-    written.append(save_figure(fig, out / f"{stem}_by_kind.png"))
+    written[out / f"{stem}_by_kind.png"] = figure_png(fig)
     return written
 
 
-def ablation_bars(results: list[dict[str, Any]], path: Path, title: str) -> str:
+def ablation_bars(results: list[dict[str, Any]], title: str) -> bytes:
     """The loss ablation (paper, Figure 2): linear-probe accuracy per variant as bars with ±std
     error bars and the per-seed values as dots, kNN accuracy as a second, hatched bar.
 
     ``results``: one dict per variant with ``label``, ``mean``, ``std``, ``per_seed`` (linear
     probe, in %) and ``knn`` (in %, or None). The y-axis is zoomed to the values' range.
+    Returns the PNG.
     """
     if not results:
         raise ValueError("ablation_bars needs at least one result")
@@ -186,16 +196,16 @@ def ablation_bars(results: list[dict[str, Any]], path: Path, title: str) -> str:
             frameon=False,
         )
     ax.set_title(title, fontsize=10)
-    return save_figure(fig, Path(path))
+    return figure_png(fig)
 
 
-def plot_neighbours(
-    grid: list[list[Any]], labels: list[list[str]], similarity: Any, path: Path, title: str
-) -> str:
+def neighbours_figure(
+    grid: list[list[Any]], labels: list[list[str]], similarity: Any, title: str
+) -> bytes:
     """One row per query: the query (first column, framed) and its nearest neighbours, uint8
     ``(C, H, W)`` images, each with its label and its cosine similarity to the query
     (``similarity[row][j]`` for neighbour ``j``), green where the label is the query's, red
-    elsewhere."""
+    elsewhere. Returns the PNG."""
     rows, cols = len(grid), len(grid[0])
     fig, axes = plt.subplots(
         rows, cols, figsize=(1.3 * cols, 1.5 * rows + 0.4), squeeze=False, layout="constrained"
@@ -222,4 +232,4 @@ def plot_neighbours(
                 color="tab:green" if same else "tab:red",
             )
     fig.suptitle(title, fontsize=9)
-    return save_figure(fig, Path(path))
+    return figure_png(fig)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -23,7 +22,6 @@ from care.evaluate.embed import (
     neighbours_path,
     pick_queries,
 )
-from care.evaluate.features import ImagesPerSecond
 from care.runs import RunDir, load_encoder
 from tests.conftest import fails_with_one_line, tiny
 from tests.data.test_cifar import write_cifar10
@@ -155,15 +153,6 @@ def test_queries_are_first_of_distinct_classes_then_the_next_images() -> None:
     assert pick_queries(torch.full((5,), -1), 8) == [0, 1, 2, 3, 4]
     assert label_text(-1, None) == "unlabeled" and label_text(2, ("a", "b", "c")) == "c"
     assert label_text(4, None) == "4"
-
-
-def test_the_progress_bar_shows_images_per_second() -> None:
-    column = ImagesPerSecond()
-    task = SimpleNamespace(finished_speed=None, speed=1234.4)
-    assert column.render(task).plain == "1,234 images/s"  # type: ignore[arg-type]
-    assert column.render(SimpleNamespace(finished_speed=None, speed=None)).plain == (  # type: ignore[arg-type]
-        "– images/s"
-    )
 
 
 @pytest.mark.parametrize(

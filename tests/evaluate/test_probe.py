@@ -156,12 +156,14 @@ def test_care_probe_with_sgd_and_milestones_records_them(
 ) -> None:
     argv = ["probe", str(tiny_run), "probe_optimizer=sgd", "probe_lr=30", "probe_seeds=1"]
     assert main([*argv, "probe_milestones=[1,2]", "probe_epochs=3"]) == 0
-    linear = json.loads((tiny_run / "probe.json").read_text())["linear"]
+    sgd = tiny_run / "probe-epochs=3-seeds=1-optimizer=sgd-lr=30.0-milestones=1_2.json"
+    assert capsys.readouterr().out.strip().endswith(f"wrote {sgd}")
+    linear = json.loads(sgd.read_text())["linear"]
     assert linear["optimizer"] == "sgd" and linear["momentum"] == 0.9
     assert linear["milestones"] == [1, 2] and linear["lr"] == 30.0 and linear["epochs"] == 3
     assert len(linear["per_seed"]) == 1
     assert main(["probe", str(tiny_run), "probe_epochs=1", "probe_seeds=1"]) == 0
-    linear = json.loads((tiny_run / "probe.json").read_text())["linear"]
+    linear = json.loads((tiny_run / "probe-epochs=1-seeds=1.json").read_text())["linear"]
     assert (linear["optimizer"], linear["milestones"], linear["momentum"]) == ("adam", [], None)
     capsys.readouterr()
 
@@ -219,8 +221,8 @@ def test_care_probe_reads_with_the_runs_workers(
     assert main(["probe", str(run), "probe_epochs=1", "probe_seeds=1", "num_workers=1"]) == 0
     assert seen == [2, 2, 1, 1]  # the command line overrides the run's
     assert main(["probe", str(tiny_run), "probe_epochs=1", "probe_seeds=1"]) == 0
-    with_workers = json.loads((run / "probe.json").read_text())
-    without = json.loads((tiny_run / "probe.json").read_text())
+    with_workers = json.loads((run / "probe-epochs=1-seeds=1.json").read_text())
+    without = json.loads((tiny_run / "probe-epochs=1-seeds=1.json").read_text())
     assert with_workers["knn"] == without["knn"]
     assert with_workers["linear"] == without["linear"]
 

@@ -20,6 +20,7 @@ images at once.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -45,8 +46,9 @@ from care.hardware import (
     torch_memory_format,
 )
 from care.metrics import composition_error, equivariance_report, form_distortion, group_fit
-from care.plots import plot_equivariance
-from care.runs import RunDir, atomic_write_json, json_ready, load_trained_encoder
+from care.plots import equivariance_figures
+from care.progress import CommandProgress
+from care.runs import RunDir, atomic_write_files, json_ready, load_trained_encoder
 
 LAYERS = ("projection", "backbone")
 GROUP_FIT_KEYS = ("group_fit_residual", "group_deviation", "group_deviation_relative")
@@ -162,10 +164,14 @@ _Views = Callable[[Tensor, slice], Sequence[Tensor]]
 
 
 def _embed_views(
-    encoders: list[TrainedEncoder], loader: DataLoader, views: _Views
+    encoders: list[TrainedEncoder],
+    loader: DataLoader,
+    views: _Views,
+    progress: CommandProgress | None = None,
 ) -> list[list[Tensor]]:
     """``out[e][k]``: encoder ``e``'s ``(n, d)`` float64 CPU embeddings of view ``k`` of every
-    image. Images are read, viewed and embedded one batch at a time."""
+    image. Images are read, viewed and embedded one batch at a time; ``progress`` counts the
+    images embedded (each view by each encoder)."""
     device = encoders[0].device
     parts: list[list[list[Tensor]]] = [[] for _ in encoders]  # [encoder][batch][view]
     start = 0
@@ -175,6 +181,8 @@ def _embed_views(
         batch = views(images.to(device, non_blocking=True), rows)
         for enc, part in zip(encoders, parts, strict=True):
             part.append([enc(view) for view in batch])
+        if progress is not None:
+            progress.advance(len(images) * len(batch) * len(encoders))
     return [[torch.cat(view) for view in zip(*part, strict=True)] for part in parts]
 
 
@@ -187,6 +195,7 @@ def measure(
     seed: int = 0,
     batch_size: int = 256,
     num_workers: int = 0,
+    progress: CommandProgress | None = None,
 ) -> dict[str, Any]:
     """Per-trial metrics, composition errors and parameter probes for each encoder.
 
@@ -194,7 +203,8 @@ def measure(
     ``batch_size`` at a time by ``num_workers`` DataLoader workers and embedded on the encoders'
     device (all must share one). Each trial's single record is sampled for all ``n`` images and
     applied batch by batch, which gives what applying it to all at once gives: every augmentation
-    op acts on each image alone.
+    op acts on each image alone. ``progress`` (made here if not given) counts the images
+    embedded, view by view and encoder by encoder, and names the stage (``trial 3/20``).
     """
     if batch_size < 1:
         raise CareError(f"bad value for 'batch_size': {batch_size}; it must be at least 1")
@@ -212,8 +222,13 @@ def measure(
         pin_memory=pin,
     )
 
-    def embed(views: _Views) -> list[list[Tensor]]:
-        return _embed_views(encoders, loader, views)
+    passes = 1 + trials + 3 * compositions + 1  # clean, trials, compositions, parameter probe
+    own = progress is None
+    shown = progress or CommandProgress("equivariance", n * passes * len(encoders))
+
+    def embed(views: _Views, stage: str) -> list[list[Tensor]]:
+        shown.stage(stage)
+        return _embed_views(encoders, loader, views, shown)
 
     def clean(x: Tensor, rows: slice) -> tuple[Tensor]:
         return (eval_transform(x, info.image_size, info.mean, info.std, info.eval_crop_fraction),)
@@ -228,7 +243,7 @@ def measure(
 
         return views
 
-    base = [views[0] for views in embed(clean)]
+    base = [views[0] for views in embed(clean, "clean images")]
     gen = torch.Generator().manual_seed(seed)
     results: list[dict[str, Any]] = [{"trials": [], "composition": []} for _ in encoders]
 
@@ -237,7 +252,7 @@ def measure(
 
     for t in range(trials):
         params = one(gen)
-        embedded = embed(augmented(params))
+        embedded = embed(augmented(params), f"trial {t + 1}/{trials}")
         for enc, f, (f_a,), res in zip(encoders, base, embedded, results, strict=True):
             report = equivariance_report(f, f_a).as_dict()
             report["form_distortion"] = form_distortion(f, f_a, enc.form)  # L_equi's target
@@ -254,14 +269,15 @@ def measure(
                     "params": json_ready({k: v[0] for k, v in params.as_dict().items()}),
                 }
             )
-    for _ in range(compositions):
+    for c in range(compositions):
         a, b = one(gen), one(gen)
-        embedded = embed(composed(a, b))
+        embedded = embed(composed(a, b), f"composition {c + 1}/{compositions}")
         for f, (f_a, f_b, f_ba), res in zip(base, embedded, results, strict=True):
             res["composition"].append(composition_error(f, f_a, f_b, f_ba))
     per_image = augmenter.sample(n, gen)
     targets = per_image.features().double()
-    embedded = embed(augmented(per_image))
+    embedded = embed(augmented(per_image), "parameter probe")
+    shown.stage("parameter probe: fitting")
     for f, (f_a,), res in zip(base, embedded, results, strict=True):
         probe = parameter_probe(f, f_a, targets, list(AugParams.FEATURE_NAMES), seed=seed)
         res["probe"] = {"names": probe.names, "r2_linear": probe.r2_linear, "r2_mlp": probe.r2_mlp}
@@ -274,6 +290,8 @@ def measure(
         res["probe"]["not_applicable"] = skipped
     for res in results:
         res["summary"] = summarise(res)
+    if own:
+        shown.close()
     return {"n": n, "trials": trials, "results": results}
 
 
@@ -385,15 +403,21 @@ def equivariance_command(
         e.place(device, memory_format)
     count = min(samples, len(dataset))
     images = dataset if count == len(dataset) else dataset.subset(count)
-    measured = measure(
-        encoders,
-        images,
-        trials=trials,
-        compositions=compositions,
-        seed=seed,
-        batch_size=batch_size,
-        num_workers=encoder.cfg.num_workers,
+    passes = 1 + trials + 3 * compositions + 1
+    label = f"equivariance {encoder.run.root.name}" + (
+        f" vs {Path(against).name}" if against is not None else ""
     )
+    with CommandProgress(label, len(images) * passes * len(encoders)) as progress:
+        measured = measure(
+            encoders,
+            images,
+            trials=trials,
+            compositions=compositions,
+            seed=seed,
+            batch_size=batch_size,
+            num_workers=encoder.cfg.num_workers,
+            progress=progress,
+        )
     payload = {
         "runs": [str(e.run.root) for e in encoders],
         "methods": [e.cfg.method for e in encoders],
@@ -416,6 +440,9 @@ def equivariance_command(
     out = encoder.run.root
     stem = output_stem(layer, against)
     payload["json"] = str(out / f"{stem}.json")
-    atomic_write_json(out / f"{stem}.json", json_ready(payload))
-    payload["plots"] = plot_equivariance(payload, out, stem)
+    document = (json.dumps(json_ready(payload), indent=2) + "\n").encode()
+    figures = equivariance_figures(payload, out, stem)
+    # one result: the JSON and its plots are replaced together, never a new JSON beside old plots
+    atomic_write_files({out / f"{stem}.json": document, **figures})
+    payload["plots"] = [str(path) for path in figures]
     return payload

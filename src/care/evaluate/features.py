@@ -1,35 +1,18 @@
-"""Frozen-encoder features of a labelled split, with a progress bar in images per second."""
+"""Frozen-encoder features of a labelled split, with progress in images per second
+(:class:`care.progress.CommandProgress`: a live line on a terminal, a line every 30 s in a pipe)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 import torch
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    Task,
-    TextColumn,
-    TimeRemainingColumn,
-)
-from rich.text import Text
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from care.augment.eval import eval_transform
 from care.data import DataInfo, LabeledImages
 from care.hardware import autocast_for
-
-
-class ImagesPerSecond(ProgressColumn):
-    """The progress bar's speed in images per second."""
-
-    def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text("– images/s" if speed is None else f"{speed:,.0f} images/s")
+from care.progress import CommandProgress
 
 
 @torch.no_grad()
@@ -44,14 +27,17 @@ def extract_features(
     memory_format: torch.memory_format = torch.contiguous_format,
     num_workers: int = 0,
     description: str = "features",
+    progress: CommandProgress | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``module`` applied to every image after ``preprocess`` (a :class:`DataInfo`: its eval
     transform; or a callable on the images as stored), in eval mode, under autocast for a mixed
     ``precision``, in ``memory_format``: (float32 features, labels) on the CPU.
 
     Images are read by ``num_workers`` DataLoader workers (0: in this process), into pinned
-    memory when ``device`` is CUDA, and copied to ``device`` without blocking the host. On a
-    terminal a progress bar on stderr shows images per second (none in a file or a pipe).
+    memory when ``device`` is CUDA, and copied to ``device`` without blocking the host. Progress
+    in images per second goes to ``progress`` (one spanning a whole command), or to one of its
+    own named ``description`` (on stderr: a live line on a terminal, a line every 30 s in a
+    file or a pipe).
     """
     if isinstance(preprocess, DataInfo):
         info = preprocess
@@ -70,24 +56,18 @@ def extract_features(
     loader = DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin
     )
-    console = Console(stderr=True)  # stdout keeps the commands' result lines alone
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        ImagesPerSecond(),
-        TimeRemainingColumn(),
-    )
-    with Progress(
-        *columns, console=console, transient=True, disable=not console.is_terminal
-    ) as progress:
-        task = progress.add_task(description, total=len(dataset))
+    own = progress is None
+    shown = CommandProgress(description, len(dataset)) if progress is None else progress
+    try:
         for images, y in loader:
             x = preprocess(images.to(device, non_blocking=pin))
             x = x.contiguous(memory_format=memory_format)
             with autocast_for(precision, device):
                 features.append(module(x).float().cpu())
             labels.append(y)
-            progress.advance(task, len(y))
+            shown.advance(len(y))
+    finally:
+        if own:
+            shown.close()
     module.train(was_training)
     return torch.cat(features), torch.cat(labels)

@@ -12,20 +12,21 @@ model selection on test.
 
 from __future__ import annotations
 
+import re
 import statistics
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import Progress
 from rich.table import Table
 from torch import Tensor, nn
 
 from care.config import EVALUATION_KEYS, Config, with_overrides
-from care.data import data_info, load_split
+from care.data import data_info, load_split, resolve_data_root
 from care.errors import CareError
 from care.evaluate.features import extract_features
 from care.hardware import (
@@ -37,6 +38,7 @@ from care.hardware import (
 )
 from care.methods import views_label
 from care.metrics import weighted_knn_accuracy
+from care.progress import CommandProgress
 from care.runs import RunDir, atomic_write_json, load_trained_encoder
 
 PROBE_OPTIMIZERS = ("adam", "sgd")
@@ -178,12 +180,22 @@ def train_linear_probes(
 
 
 def linear_probe(
-    train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, num_classes: int, cfg: Config
+    train_x: Tensor,
+    train_y: Tensor,
+    test_x: Tensor,
+    test_y: Tensor,
+    num_classes: int,
+    cfg: Config,
+    label: str = "linear probe",
 ) -> LinearProbeResult:
-    """The probe over ``cfg.probe_seeds`` seeds: mean ± std of test accuracy (in %)."""
-    # a live bar on a terminal; none in a file or a pipe (rich leaves a blank line there)
-    with Progress(transient=True, disable=not sys.stdout.isatty()) as progress:
-        task = progress.add_task(f"linear probe ({cfg.probe_seeds} seeds)", total=cfg.probe_epochs)
+    """The probe over ``cfg.probe_seeds`` seeds: mean ± std of test accuracy (in %), with its
+    progress in epochs (a live line on a terminal, a line every 30 s in a file or a pipe)."""
+    description = f"{label} ({cfg.probe_seeds} seeds)"
+    with CommandProgress(description, cfg.probe_epochs, unit="epochs") as progress:
+
+        def epoch_done() -> None:
+            progress.advance(1, f"epoch {int(progress.done) + 1}/{cfg.probe_epochs} done")
+
         accuracies = [
             100.0 * accuracy
             for accuracy in train_linear_probes(
@@ -199,7 +211,7 @@ def linear_probe(
                 batch_size=cfg.probe_batch_size,
                 optimizer=cfg.probe_optimizer,
                 milestones=cfg.probe_milestones,
-                on_epoch=lambda: progress.advance(task),
+                on_epoch=epoch_done,
             )
         ]
     std = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
@@ -217,12 +229,47 @@ def linear_probe(
     )
 
 
+#: Evaluation settings that do not change a probe's result (where and how fast it runs).
+UNRESULTING_KEYS = ("num_workers", "accelerator")
+
+
+def probe_file_name(
+    saved: Config, cfg: Config, precision: str | None = None, default_precision: str | None = None
+) -> str:
+    """``probe.json`` for the run's own probe settings, else a name that lists the settings that
+    differ (``probe-epochs=1-seeds=1.json``), so that a quick re-probe never overwrites the real
+    one. ``data_root`` counts when it names another folder; the feature ``precision`` when it
+    differs from the one this machine would choose."""
+    changes: list[str] = []
+    for key in EVALUATION_KEYS:
+        if key in UNRESULTING_KEYS:
+            continue
+        old, new = getattr(saved, key), getattr(cfg, key)
+        if key == "data_root":
+            old_root = resolve_data_root(saved.dataset, old).absolute()
+            new_root = resolve_data_root(cfg.dataset, new).absolute()
+            if old_root != new_root:
+                changes.append(f"data={new_root.name or 'root'}")
+            continue
+        if old != new:
+            value = "_".join(map(str, new)) if isinstance(new, list) else str(new)
+            changes.append(f"{key.removeprefix('probe_')}={value or 'none'}")
+    if precision is not None and precision != default_precision:
+        changes.append(f"precision={precision}")
+    if not changes:
+        return "probe.json"
+    stem = re.sub(r"[^A-Za-z0-9._=-]+", "_", "-".join(changes))
+    return f"probe-{stem}.json"
+
+
 def probe_run(run_dir: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Evaluate a finished run's backbone; writes and returns ``probe.json``'s content.
+    """Evaluate a finished run's backbone; writes and returns the probe's result.
 
     ``overrides`` may change the evaluation settings only (:data:`care.config.EVALUATION_KEYS`),
     and ``precision``, the precision of the feature extraction (default: the run's, where this
-    machine runs it natively; :func:`care.hardware.evaluation_precision`).
+    machine runs it natively; :func:`care.hardware.evaluation_precision`). The result goes to
+    ``probe.json`` with the run's own settings and to a file named by the settings that differ
+    otherwise (:func:`probe_file_name`); the result's ``file`` says which.
     """
     overrides = dict(overrides or {})
     requested = requested_precision(overrides.pop("precision", None))
@@ -233,13 +280,23 @@ def probe_run(run_dir: str, overrides: dict[str, Any] | None = None) -> dict[str
                 f"{[*EVALUATION_KEYS, 'precision']}"
             )
     run = RunDir(run_dir)
-    cfg = with_overrides(run.read_config(), overrides)
+    saved = run.read_config()
+    cfg = with_overrides(saved, overrides)
     train_set, test_set = load_split(cfg, "train"), load_split(cfg, "test")
+    if train_set.num_classes < 2:
+        raise CareError(
+            f"care probe needs labelled images of at least 2 classes, and {cfg.dataset} in "
+            f"{resolve_data_root(cfg.dataset, cfg.data_root)} has {train_set.num_classes}: a "
+            "probe of one class scores 100% whatever the features; probe a dataset with 2 or "
+            "more class folders (data_root=DIR)"
+        )
     info = data_info(cfg, train_set)
     backbone = load_trained_encoder(run, cfg, info.channels, "backbone")
     device = evaluation_device(cfg)
     precision = evaluation_precision(cfg.precision, device.type, requested)
+    default_precision = evaluation_precision(cfg.precision, device.type)
     memory_format = torch_memory_format(resolve_memory_format("auto", device.type))
+    name = Path(run.root).name or str(run.root)
     features = {
         split: extract_features(
             backbone,
@@ -249,7 +306,7 @@ def probe_run(run_dir: str, overrides: dict[str, Any] | None = None) -> dict[str
             precision=precision,
             memory_format=memory_format,
             num_workers=cfg.num_workers,
-            description=f"{split} features",
+            description=f"probe {name}: {split} features",
         )
         for split, data in (("train", train_set), ("test", test_set))
     }
@@ -257,9 +314,13 @@ def probe_run(run_dir: str, overrides: dict[str, Any] | None = None) -> dict[str
     knn = 100.0 * weighted_knn_accuracy(
         train_x, train_y, test_x, test_y, info.num_classes, cfg.knn_k, cfg.knn_temperature
     )
-    linear = linear_probe(train_x, train_y, test_x, test_y, info.num_classes, cfg)
+    linear = linear_probe(
+        train_x, train_y, test_x, test_y, info.num_classes, cfg, f"probe {name}: linear probe"
+    )
+    path = run.root / probe_file_name(saved, cfg, precision, default_precision)
     result = {
         "run": str(run.root),
+        "file": str(path),
         "method": cfg.method,
         "views": views_label(cfg),
         "dataset": cfg.dataset,
@@ -273,7 +334,7 @@ def probe_run(run_dir: str, overrides: dict[str, Any] | None = None) -> dict[str
         "knn": {"accuracy": knn, "k": cfg.knn_k, "temperature": cfg.knn_temperature},
         "linear": asdict(linear),
     }
-    atomic_write_json(run.root / "probe.json", result)
+    atomic_write_json(path, result)
     return result
 
 
