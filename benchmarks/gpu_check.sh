@@ -25,9 +25,9 @@
 # $OUT gets at most 7 files (the device tool brings back 8): gpu_check.md, gpu_check.json (every
 # part's status, the tests' summary, the rows), gpu_check.log (everything printed),
 # throughput_resnet18.json, throughput_resnet50.json, gpu_step.json, pretrain.json (the run's
-# summary.json and probe.json). Per-part logs stay in the work folder (GPU_CHECK_WORK, default a
-# fresh folder under /tmp). Exit status: 0 when every part passed, 1 otherwise (the table is
-# written either way).
+# summary.json and the probe-<settings>.json that care probe wrote). Per-part logs stay in the
+# work folder (GPU_CHECK_WORK, default a fresh folder under /tmp). Exit status: 0 when every part
+# passed, 1 otherwise (the table is written either way).
 #
 # Environment: OUT (default runs/gpu_check), PYTHON (default python3; .venv/bin/python when
 # GPU_CHECK_SMOKE=1), GPU_CHECK_WORK, GPU_CHECK_BUDGET_S, GPU_CHECK_WHEELS (default .whl).

@@ -371,6 +371,8 @@ def env_command(args: argparse.Namespace) -> int:
     try:
         import torch
 
+        from care.hardware import cuda_has_native_bf16
+
         info.update(
             torch=torch.__version__,
             cuda=torch.version.cuda,
@@ -384,7 +386,7 @@ def env_command(args: argparse.Namespace) -> int:
                 gpu_memory_gib=round(props.total_memory / GIB, 1),
                 capability=f"{props.major}.{props.minor}",
                 multiprocessors=props.multi_processor_count,
-                bf16=torch.cuda.is_bf16_supported(),
+                bf16=cuda_has_native_bf16(),
             )
     except Exception as exc:
         problems.append(f"torch: {_last_line(exc)}")
@@ -697,7 +699,10 @@ def report_rows(
 
     # 5. pretrain and probe
     run = work / "run"
-    summary, probe = _load(run / "summary.json"), _load(run / "probe.json")
+    # care probe names its file by its settings (probe.json for the run's own, probe-<...>.json
+    # for the check's shorter ones): the newest of them is the check's
+    probes = sorted(run.glob("probe*.json"), key=lambda path: path.stat().st_mtime)
+    summary, probe = _load(run / "summary.json"), _load(probes[-1]) if probes else None
     if (error := failed("data")) is not None:
         rows.append(("5 data", "CIFAR-10 folder (gpu_step.py cifar)", error))
     merged = {"summary": summary, "probe": probe}
@@ -724,7 +729,7 @@ def report_rows(
             )
         )
     if probe is None:
-        rows.append(("5 probe", "care probe", failed("probe") or "FAILED: no probe.json"))
+        rows.append(("5 probe", "care probe", failed("probe") or "FAILED: no probe*.json"))
     else:
         linear = probe["linear"]
         rows.append(

@@ -16,9 +16,10 @@ of the whole loss (DDP averages them once, in the step's last backward).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
 import lightning as L
@@ -35,6 +36,7 @@ from care.hardware import resolve, torch_memory_format
 from care.losses import InfoNCETerms, equivariance_loss, info_nce_terms
 from care.methods.optim import build_optimizer
 from care.models import build_encoder
+from care.runs import RunDir, StoredTensor, state_mismatch
 
 SCHEDULERS = ("cosine", "constant")
 
@@ -324,15 +326,49 @@ class ContrastiveMethod(L.LightningModule):
 
     # ---------------------------------------------------------- checkpoints
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Resume care 0.1 checkpoints too, which kept the encoder's parts at the top level; plan
+        """Resume care 0.1 checkpoints too, which kept the encoder's parts at the top level;
+        refuse a state dict that does not fit this model (:meth:`check_checkpoint_state`); plan
         the lr schedule for this config's ``epochs`` (:meth:`replan_schedule`)."""
-        state = checkpoint["state_dict"]
+        state = checkpoint.get("state_dict")
+        if not isinstance(state, Mapping):
+            raise CareError(
+                f"checkpoint {self._checkpoint_file} holds no model weights ('state_dict'): delete "
+                "it to start afresh, or put back the run's own checkpoint"
+            )
         renamed = {}
         for key, value in state.items():
-            old = next((p for p in _V01_PREFIXES if key.startswith(p)), None)
+            old = next((p for p in _V01_PREFIXES if str(key).startswith(p)), None)
             renamed[key if old is None else _V01_PREFIXES[old] + key[len(old) :]] = value
         checkpoint["state_dict"] = renamed
+        self.check_checkpoint_state(renamed)
         self.replan_schedule(checkpoint)
+
+    @property
+    def _checkpoint_file(self) -> Path:
+        """The checkpoint being restored: the one the trainer was given (``ckpt_path``), else
+        ``checkpoints/last.ckpt`` in the run's folder, which a resumed run reads."""
+        given = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+        return Path(given) if given else RunDir(self.cfg.out).last_checkpoint
+
+    def check_checkpoint_state(self, state: Mapping[str, Any]) -> None:
+        """Refuse, in one line naming the checkpoint, a state dict whose names or shapes (or
+        float and integer dtypes) are not this model's (:func:`care.runs.state_mismatch`):
+        a checkpoint of another model, or a config changed since it was written."""
+        stored = {}
+        for name, tensor in state.items():
+            if not isinstance(tensor, Tensor):
+                raise CareError(
+                    f"checkpoint {self._checkpoint_file} holds {name!r}, which is not a tensor, in "
+                    "its weights: delete it to start afresh, or put back the run's own checkpoint"
+                )
+            stored[str(name)] = StoredTensor.of(tensor)
+        problem = state_mismatch(stored, self.state_dict())
+        if problem is not None:
+            raise CareError(
+                f"checkpoint {self._checkpoint_file} does not match the model of this config: "
+                f"{problem}; resume with the settings it was trained with, or delete it to start "
+                "afresh"
+            )
 
     def replan_schedule(self, checkpoint: dict[str, Any]) -> None:
         """A run resumed with more ``epochs`` follows the schedule of a run planned for them.
